@@ -1,0 +1,123 @@
+"""The float64 reference: the 4-bit format written as its specification.
+
+Slow and plain on purpose. Arithmetic is carried in float64 and rounded to float32 exactly where
+the format rounds (`_f32`); a product of two float32 numbers is exact in float64, so rounding it
+once gives the correctly rounded float32 product. Every fast path is tested against this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import codebook as cb
+
+# The smallest absmax whose reciprocal is taken: an all-zero block scales by 1/1e-38, so its
+# elements (and the padding) take the code of 0.0.
+_TINY_ABSMAX = np.float32(1e-38)
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+@dataclass
+class Quantized:
+    packed: np.ndarray  # uint8 [ceil(n / 2)]
+    absmax: np.ndarray  # float32 [B] (plain) or uint8 [B] (nested codes)
+    nested_absmax: np.ndarray | None = None  # float32 [ceil(B / 256)]
+    offset: np.float32 | None = None
+
+
+def scale_codes(s: np.ndarray, quant_type: str) -> np.ndarray:
+    """4-bit code of each scaled value s (float32 values held in float64, s in [-1, 1] or NaN)."""
+    if quant_type == "nf4":
+        # Number of thresholds strictly below s: the nearest value, ties to the lower code.
+        codes = np.searchsorted(cb.nf4_thresholds().astype(np.float64), s, side="left")
+        top = 15
+    else:
+        sign = np.where(s < 0, 8, 0)
+        rank = np.searchsorted(cb.FP4_MAGNITUDE_THRESHOLDS.astype(np.float64), np.abs(s), side="left")
+        codes = cb.FP4_CODES_BY_MAGNITUDE[np.minimum(rank, 7)] | sign
+        top = 3
+    # A NaN (only with allow_nonfinite) takes the code of +1, as bitsandbytes' CPU path does.
+    return np.where(np.isnan(s), top, codes).astype(np.uint8)
+
+
+def quantize(x: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool) -> Quantized:
+    flat = x.detach().cpu().reshape(-1).to(torch.float64).numpy()
+    n = flat.size
+    nblocks = -(-n // blocksize)
+    padded = np.zeros(nblocks * blocksize)
+    padded[:n] = flat
+    blocks = padded.reshape(nblocks, blocksize)
+
+    # A partial last block takes the max over its real elements; the zero padding cannot raise it.
+    absmax = np.abs(blocks).max(axis=1)
+    recip = _f32(1.0 / _f32(np.maximum(absmax, _TINY_ABSMAX)))
+    s = np.clip(_f32(blocks * recip[:, None]), -1.0, 1.0)
+    codes = scale_codes(s, quant_type).reshape(-1)[:n]
+    packed = pack_codes(codes, cb.zero_code(quant_type))
+
+    absmax32 = absmax.astype(np.float32)
+    if not double_quant:
+        return Quantized(packed, absmax32)
+    qabsmax, nested_absmax, offset = quantize_nested(absmax32)
+    return Quantized(packed, qabsmax, nested_absmax, offset)
+
+
+def pack_codes(codes: np.ndarray, pad_code: int) -> np.ndarray:
+    """Two codes a byte, the first element in the high nibble; an odd count pads with pad_code."""
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(pad_code))
+    return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, n: int) -> np.ndarray:
+    return np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]
+
+
+def quantize_nested(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """Double quantization of the float32 absmax: 8-bit dynamic codes in blocks of 256.
+
+    offset is the float32 mean as torch.mean computes it: the summation order is part of the
+    stored format (bitsandbytes takes absmax.mean()), so it is reproduced, not re-derived.
+    """
+    offset = np.float32(torch.from_numpy(absmax).mean().item())
+    centred = _f32(absmax.astype(np.float64) - np.float64(offset))
+    nblocks = -(-centred.size // cb.NESTED_BLOCKSIZE)
+    padded = np.zeros(nblocks * cb.NESTED_BLOCKSIZE)
+    padded[: centred.size] = centred
+    blocks = padded.reshape(nblocks, cb.NESTED_BLOCKSIZE)
+    nested_absmax = np.abs(blocks).max(axis=1)
+    with np.errstate(divide="ignore"):
+        recip = _f32(1.0 / nested_absmax)
+    # A block whose absmax all equal the offset (nested absmax 0) stores the code of 0.0.
+    s = np.where(nested_absmax[:, None] > 0, _f32(blocks * np.where(np.isinf(recip), 0, recip)[:, None]), 0.0)
+    codes = dynamic_codes(s.reshape(-1)[: centred.size])
+    return codes, nested_absmax.astype(np.float32), offset
+
+
+def dynamic_codes(s: np.ndarray) -> np.ndarray:
+    """Exact nearest entry of the dynamic map (ties to the lower code)."""
+    dyn = cb.dynamic_map()
+    mids = ((dyn[:-1] + dyn[1:]) / np.float32(2.0)).astype(np.float64)
+    return np.searchsorted(mids, s, side="left").astype(np.uint8)
+
+
+def dequantize_absmax(q: Quantized) -> np.ndarray:
+    """The float32 block scales (held in float64), decoding the nested level if present."""
+    if q.nested_absmax is None:
+        return q.absmax.astype(np.float64)
+    dyn = cb.dynamic_map().astype(np.float64)
+    nested = np.repeat(q.nested_absmax.astype(np.float64), cb.NESTED_BLOCKSIZE)[: q.absmax.size]
+    return _f32(_f32(dyn[q.absmax] * nested) + np.float64(q.offset))
+
+
+def dequantize(q: Quantized, n: int, blocksize: int, quant_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """Flat dequantized values: one float32 product code * absmax, then one rounding to dtype."""
+    values = cb.codebook(quant_type).astype(np.float64)[unpack_codes(q.packed, n)]
+    scales = np.repeat(dequantize_absmax(q), blocksize)[:n]
+    w32 = _f32(values * scales).astype(np.float32)
+    return torch.from_numpy(w32).to(dtype)  # round-to-nearest-even
