@@ -63,7 +63,8 @@ def quantize(x: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     absmax32 = absmax.astype(np.float32)
     if not double_quant:
         return Quantized(packed, absmax32)
-    qabsmax, nested_absmax, offset = quantize_nested(absmax32)
+    offset = nested_offset(absmax32)
+    qabsmax, nested_absmax = quantize_nested(absmax32, offset)
     return Quantized(packed, qabsmax, nested_absmax, offset)
 
 
@@ -78,13 +79,17 @@ def unpack_codes(packed: np.ndarray, n: int) -> np.ndarray:
     return np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]
 
 
-def quantize_nested(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """Double quantization of the float32 absmax: 8-bit dynamic codes in blocks of 256.
+def nested_offset(absmax: np.ndarray) -> np.float32:
+    """The float32 mean of the absmax as torch.mean computes it on the CPU.
 
-    offset is the float32 mean as torch.mean computes it: the summation order is part of the
-    stored format (bitsandbytes takes absmax.mean()), so it is reproduced, not re-derived.
+    bitsandbytes stores absmax.mean(); its summation order decides the last bit, so the
+    reference reproduces that call rather than an exactly rounded mean.
     """
-    offset = np.float32(torch.from_numpy(absmax).mean().item())
+    return np.float32(torch.from_numpy(absmax).mean().item())
+
+
+def quantize_nested(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Double quantization of the float32 absmax: 8-bit dynamic codes in blocks of 256."""
     centred = _f32(absmax.astype(np.float64) - np.float64(offset))
     nblocks = -(-centred.size // cb.NESTED_BLOCKSIZE)
     padded = np.zeros(nblocks * cb.NESTED_BLOCKSIZE)
@@ -96,7 +101,7 @@ def quantize_nested(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.floa
     # A block whose absmax all equal the offset (nested absmax 0) stores the code of 0.0.
     s = np.where(nested_absmax[:, None] > 0, _f32(blocks * np.where(np.isinf(recip), 0, recip)[:, None]), 0.0)
     codes = dynamic_codes(s.reshape(-1)[: centred.size])
-    return codes, nested_absmax.astype(np.float32), offset
+    return codes, nested_absmax.astype(np.float32)
 
 
 def dynamic_codes(s: np.ndarray) -> np.ndarray:

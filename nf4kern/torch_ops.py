@@ -1,0 +1,182 @@
+"""The fast vectorised torch path: the default on CPU. Bit-identical to nf4kern.reference.
+
+Work goes in chunks of ~256K elements so that every intermediate stays in cache: the path is a
+handful of elementwise passes, and each pass over DRAM would cost as much as the whole chunk.
+
+Code selection avoids a per-element search over the thresholds. s + 3 lies in [2, 4) for
+s in [-1, 1], where a float32's top mantissa bits are a uniform grid over s; a table indexed by
+those bits gives, per cell, the codes on either side of the one threshold the cell can hold and
+that threshold, so a code is one gather and one comparison. Cells are narrower than the closest
+pair of thresholds and the tables are built with a margin for the rounding of s + 3 (<= 2**-22),
+so the result equals the exact rule for every float32 s.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from . import codebook as cb
+
+_CHUNK = 1 << 18  # elements per chunk; a multiple of every blocksize
+_TINY_ABSMAX = 1e-38
+_ROUNDING_MARGIN = 2.0**-21
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift, lower code, upper code, threshold) per cell of float32(s + 3) >> shift."""
+    shift = 17 if quant_type == "nf4" else 13  # FP4 thresholds sit closer together near 0
+    ncells = 1 << (31 - shift)  # every non-negative int32 >> shift, NaN patterns included
+    bits = (np.arange(ncells, dtype=np.int64) << shift).astype(np.uint32)
+    with np.errstate(invalid="ignore"):  # the NaN cells; s is never NaN here
+        lo = bits.view(np.float32).astype(np.float64) - 3.0
+        hi = (bits | np.uint32((1 << shift) - 1)).view(np.float32).astype(np.float64) - 3.0
+    lo, hi = lo - _ROUNDING_MARGIN, hi + _ROUNDING_MARGIN
+
+    bounds, codes_between = _decision_rule(quant_type)
+    first = np.searchsorted(bounds, lo, side="left")  # first boundary >= lo
+    last = np.searchsorted(bounds, hi, side="right")  # boundaries <= hi end here
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    if np.any((last - first > 1) & finite):
+        raise AssertionError("a cell holds two decision boundaries")
+    padded = np.append(bounds, np.inf)
+    lower = codes_between[first]
+    upper = codes_between[np.minimum(first + 1, len(codes_between) - 1)]
+    threshold = padded[first].astype(np.float32)
+    return (
+        shift,
+        torch.from_numpy(lower.astype(np.uint8)),
+        torch.from_numpy(upper.astype(np.uint8)),
+        torch.from_numpy(threshold),
+    )
+
+
+def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Boundaries b_0 < b_1 < ... and the code of each interval: code(s) = codes[#{i: s > b_i}]."""
+    if quant_type == "nf4":
+        return cb.nf4_thresholds().astype(np.float64), np.arange(16)
+    # FP4: |s| > T picks the larger magnitude (ties to the smaller); s < 0 sets the sign bit.
+    # On the negative side `s > b` must mean `|s| <= T`, so b is the float32 just below -T.
+    t = cb.FP4_MAGNITUDE_THRESHOLDS
+    neg = np.nextafter(-t[::-1], np.float32(-np.inf)).astype(np.float64)
+    zero = np.float64(np.nextafter(np.float32(0), np.float32(-1)))  # s < 0 <=> s <= zero
+    bounds = np.concatenate([neg, [zero], t.astype(np.float64)])
+    mags = cb.FP4_CODES_BY_MAGNITUDE
+    codes = np.concatenate([mags[::-1] | 8, mags])
+    return bounds, codes
+
+
+def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor) -> torch.Tensor:
+    """uint8 code of each scaled value (s in [-1, 1] up to rounding, finite)."""
+    shift, lower, upper, threshold = _cell_tables(quant_type)
+    cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift)
+    above = s > threshold.index_select(0, cell)
+    if quant_type == "nf4":  # adjacent codes: upper == lower + 1
+        return lower.index_select(0, cell).add_(above)
+    return torch.where(above, upper.index_select(0, cell), lower.index_select(0, cell))
+
+
+def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat quantization: (packed uint8 [ceil(n/2)], absmax float32 [ceil(n/blocksize)])."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    absmax = torch.empty(nblocks, dtype=torch.float32)
+    codes = torch.empty(nblocks * blocksize + 1, dtype=torch.uint8)
+    top = 15 if quant_type == "nf4" else 3
+    scaled = torch.empty(min(_CHUNK, nblocks * blocksize), dtype=torch.float32)
+    scratch = torch.empty_like(scaled)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        xf = _padded_float_chunk(flat, start, stop, blocksize).view(-1, blocksize)
+        lo, hi = torch.aminmax(xf, dim=1)
+        amax = absmax[start // blocksize : start // blocksize + xf.shape[0]]
+        torch.maximum(hi, lo.neg_(), out=amax)
+        recip = amax.clamp_min(_TINY_ABSMAX).reciprocal_()
+        # Into a scratch buffer: xf may be a view of the caller's tensor.
+        s = torch.mul(xf, recip[:, None], out=scaled[: xf.numel()].view_as(xf))
+        s = s.view(-1).clamp_(-1.0, 1.0)
+        nonfinite = s.isnan()
+        if nonfinite.any():  # only reachable with allow_nonfinite: NaN takes the code of +1
+            s = s.masked_fill(nonfinite, 1.0)
+        codes[start : start + s.numel()] = _codes(s, quant_type, scratch[: s.numel()])
+        if nonfinite.any():
+            codes[start : start + s.numel()].masked_fill_(nonfinite, top)
+    return _pack(codes[:n], cb.zero_code(quant_type)), absmax
+
+
+def _padded_float_chunk(flat: torch.Tensor, start: int, stop: int, blocksize: int) -> torch.Tensor:
+    """float32 copy (or view, for float32 input) of flat[start:stop], zero-padded to whole blocks."""
+    length = -(-(stop - start) // blocksize) * blocksize
+    chunk = flat[start:stop]
+    if length == stop - start and chunk.dtype == torch.float32:
+        return chunk
+    out = torch.zeros(length, dtype=torch.float32)
+    out[: stop - start] = chunk
+    return out
+
+
+def _pack(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_tensor([pad_code])])
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0].bitwise_left_shift(4).bitwise_or_(pairs[:, 1])
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_midpoints() -> torch.Tensor:
+    dyn = cb.dynamic_map()
+    return torch.from_numpy((dyn[:-1] + dyn[1:]) / np.float32(2.0))
+
+
+def quantize_nested(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes [B], nested absmax float32 [ceil(B/256)]) of absmax - offset."""
+    centred = absmax - offset
+    nblocks = -(-centred.numel() // cb.NESTED_BLOCKSIZE)
+    blocks = torch.zeros(nblocks * cb.NESTED_BLOCKSIZE, dtype=torch.float32)
+    blocks[: centred.numel()] = centred
+    blocks = blocks.view(nblocks, cb.NESTED_BLOCKSIZE)
+    nested = blocks.abs().amax(dim=1)
+    # A block of absmax all equal to the offset (nested absmax 0) stores the code of 0.0.
+    recip = torch.where(nested > 0, nested.reciprocal(), torch.zeros_like(nested))
+    s = (blocks * recip[:, None]).view(-1)[: centred.numel()]
+    return torch.bucketize(s, _dynamic_midpoints()).to(torch.uint8), nested
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_table(quant_type: str) -> torch.Tensor:
+    """The two float32 code values of every byte, high nibble first, as one int64 per byte:
+    a gather of 8-byte elements is twice as fast as one of float32 pairs."""
+    c = torch.from_numpy(cb.codebook(quant_type).copy())
+    byte = torch.arange(256)
+    pairs = torch.stack([c[byte >> 4], c[byte & 15]], dim=1).contiguous()
+    return pairs.view(torch.int64).view(256)
+
+
+def dequantize_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, offset: torch.Tensor | None) -> torch.Tensor:
+    if nested_absmax is None:
+        return absmax
+    dyn = torch.from_numpy(cb.dynamic_map().copy())
+    scale = nested_absmax.repeat_interleave(cb.NESTED_BLOCKSIZE)[: absmax.numel()]
+    return (dyn[absmax.long()] * scale).add_(offset)
+
+
+def dequantize(packed, absmax, n, blocksize, quant_type, out_dtype, nested_absmax=None, offset=None) -> torch.Tensor:
+    """Flat [n] values in out_dtype: one float32 product code * scale, one rounding."""
+    scales = dequantize_absmax(absmax, nested_absmax, offset)
+    pairs = _pair_table(quant_type)
+    out = torch.empty(n, dtype=out_dtype)
+    values = torch.empty(min(_CHUNK, -(-n // blocksize) * blocksize), dtype=torch.float32)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        length = -(-(stop - start) // blocksize) * blocksize  # whole blocks; the tail is padding
+        nbytes = -(-(stop - start) // 2)
+        v = values[:length]
+        index = packed[start // 2 : start // 2 + nbytes].int()
+        torch.index_select(pairs, 0, index, out=v[: 2 * nbytes].view(torch.int64))
+        blocks = v.view(-1, blocksize)
+        blocks.mul_(scales[start // blocksize : start // blocksize + blocks.shape[0], None])
+        out[start:stop] = v[: stop - start]
+    return out
