@@ -56,7 +56,8 @@ def quantize(x: torch.Tensor, blocksize: int, quant_type: str, double_quant: boo
     # A partial last block takes the max over its real elements; the zero padding cannot raise it.
     absmax = np.abs(blocks).max(axis=1)
     recip = _f32(1.0 / _f32(np.maximum(absmax, _TINY_ABSMAX)))
-    s = np.clip(_f32(blocks * recip[:, None]), -1.0, 1.0)
+    with np.errstate(invalid="ignore"):  # inf * 0 in a non-finite block (allow_nonfinite)
+        s = np.clip(_f32(blocks * recip[:, None]), -1.0, 1.0)
     codes = scale_codes(s, quant_type).reshape(-1)[:n]
     packed = pack_codes(codes, cb.zero_code(quant_type))
 
@@ -98,10 +99,12 @@ def quantize_nested(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray,
     nested_absmax = np.abs(blocks).max(axis=1)
     with np.errstate(divide="ignore"):
         recip = _f32(1.0 / nested_absmax)
-    # A block whose absmax all equal the offset (nested absmax 0) stores the code of 0.0.
-    s = np.where(nested_absmax[:, None] > 0, _f32(blocks * np.where(np.isinf(recip), 0, recip)[:, None]), 0.0)
-    codes = dynamic_codes(s.reshape(-1)[: centred.size])
-    return codes, nested_absmax.astype(np.float32)
+    s = _f32(blocks * np.where(np.isinf(recip), 0, recip)[:, None])
+    codes = dynamic_codes(s.reshape(-1)).reshape(nblocks, cb.NESTED_BLOCKSIZE)
+    # A block whose absmax all equal the offset has nested absmax 0: bitsandbytes' scaled values
+    # are NaN there and store code 0. Any code decodes to the offset (code * 0 + offset).
+    codes[nested_absmax == 0] = 0
+    return codes.reshape(-1)[: centred.size], nested_absmax.astype(np.float32)
 
 
 def dynamic_codes(s: np.ndarray) -> np.ndarray:
@@ -124,5 +127,6 @@ def dequantize(q: Quantized, n: int, blocksize: int, quant_type: str, dtype: tor
     """Flat dequantized values: one float32 product code * absmax, then one rounding to dtype."""
     values = cb.codebook(quant_type).astype(np.float64)[unpack_codes(q.packed, n)]
     scales = np.repeat(dequantize_absmax(q), blocksize)[:n]
-    w32 = _f32(values * scales).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # 0 * inf in a non-finite block (allow_nonfinite)
+        w32 = _f32(values * scales).astype(np.float32)
     return torch.from_numpy(w32).to(dtype)  # round-to-nearest-even

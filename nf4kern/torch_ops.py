@@ -139,10 +139,11 @@ def quantize_nested(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.T
     blocks[: centred.numel()] = centred
     blocks = blocks.view(nblocks, cb.NESTED_BLOCKSIZE)
     nested = blocks.abs().amax(dim=1)
-    # A block of absmax all equal to the offset (nested absmax 0) stores the code of 0.0.
-    recip = torch.where(nested > 0, nested.reciprocal(), torch.zeros_like(nested))
-    s = (blocks * recip[:, None]).view(-1)[: centred.numel()]
-    return torch.bucketize(s, _dynamic_midpoints()).to(torch.uint8), nested
+    codes = torch.bucketize(blocks * nested.reciprocal()[:, None], _dynamic_midpoints()).to(torch.uint8)
+    # A block of absmax all equal to the offset (nested absmax 0, scaled values NaN) stores
+    # code 0, as bitsandbytes does; any code decodes to the offset.
+    codes[nested == 0] = 0
+    return codes.view(-1)[: centred.numel()], nested
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,132 @@
+"""quantize_4bit / dequantize_4bit (torch path, the CPU default) against the float64 reference."""
+import numpy as np
+import pytest
+import torch
+
+import nf4kern
+from nf4kern import codebook as cb
+from nf4kern import reference
+from tests.conftest import DTYPES
+from tests.helpers import assert_bytes_equal, randn
+
+SIZES = [1, 3, 17, 65, 130, 1000, 4097, 300_001]
+
+
+def _check_against_reference(x, blocksize, quant_type, double_quant, backend="torch"):
+    packed, state = nf4kern.quantize_4bit(x, blocksize, quant_type, double_quant, backend=backend)
+    ref = reference.quantize(x, blocksize, quant_type, double_quant)
+    assert_bytes_equal(packed, torch.from_numpy(ref.packed), "packed")
+    assert_bytes_equal(state.absmax, torch.from_numpy(ref.absmax), "absmax")
+    if double_quant:
+        assert_bytes_equal(state.state2.absmax, torch.from_numpy(ref.nested_absmax), "nested absmax")
+        assert state.offset.item() == ref.offset
+    out = nf4kern.dequantize_4bit(packed, state, backend=backend)
+    expected = reference.dequantize(ref, x.numel(), blocksize, quant_type, x.dtype).reshape(x.shape)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_bytes_equal(out, expected, "dequantized")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_torch_path_matches_reference(dtype, n, quant_type, rng):
+    blocksize = [32, 64, 128, 256, 512, 1024, 2048, 4096][n % 8]
+    x = randn((n,), dtype, rng, scale=0.02)
+    _check_against_reference(x, blocksize, quant_type, double_quant=n % 2 == 0)
+    _check_against_reference(x, 64, quant_type, double_quant=n % 2 == 1)
+
+
+@pytest.mark.parametrize("blocksize", cb.BLOCKSIZES)
+def test_every_blocksize_with_partial_blocks(blocksize, rng):
+    x = randn((3, blocksize + 17), torch.bfloat16, rng)
+    for quant_type in ("nf4", "fp4"):
+        _check_against_reference(x, blocksize, quant_type, double_quant=True)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_ties_and_edges_follow_the_rule(quant_type):
+    # Values exactly at each decision threshold, one float32 step either side, +-1, signed zeros,
+    # subnormals: the block absmax is 1 so s == x.
+    if quant_type == "nf4":
+        t = cb.nf4_thresholds()
+    else:
+        t = np.concatenate([cb.FP4_MAGNITUDE_THRESHOLDS, -cb.FP4_MAGNITUDE_THRESHOLDS])
+    up, down = np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2))
+    extra = np.array([1.0, -1.0, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40], dtype=np.float32)
+    x = torch.from_numpy(np.concatenate([t, up, down, extra]).astype(np.float32))
+    _check_against_reference(x, 32, quant_type, double_quant=False)
+    _check_against_reference(x, 32, quant_type, double_quant=False, backend="reference")
+
+
+def test_zero_and_tiny_blocks(rng):
+    x = randn((4, 64), torch.float32, rng)
+    x[1] = 0.0
+    x[2] = -0.0
+    x[3] = 1e-40  # an absmax below 1e-38 scales by 1/1e-38: the block collapses to zero codes
+    _check_against_reference(x, 64, "nf4", double_quant=True)
+    packed, state = nf4kern.quantize_4bit(x, 64)
+    out = nf4kern.dequantize_4bit(packed, state)
+    assert torch.all(out[1:] == 0)
+
+
+def test_constant_absmax_double_quant(rng):
+    # Every block has the same absmax: absmax - offset is 0, so nested absmax is 0.
+    x = torch.ones(4, 64) * torch.tensor([1.0, -1.0] * 32)
+    _check_against_reference(x, 64, "nf4", double_quant=True)
+    packed, state = nf4kern.quantize_4bit(x, 64, double_quant=True)
+    assert torch.equal(nf4kern.dequantize_4bit(packed, state), x)
+
+
+def test_reference_backend_matches_torch_backend(rng):
+    x = randn((5, 130), torch.float16, rng)
+    a = nf4kern.quantize_4bit(x, 64, "nf4", True, backend="reference")
+    b = nf4kern.quantize_4bit(x, 64, "nf4", True, backend="torch")
+    assert_bytes_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+def test_non_contiguous_input_quantized_in_logical_order(rng):
+    w = randn((65, 33), torch.bfloat16, rng)
+    a = nf4kern.quantize_4bit(w.t(), 64, double_quant=True)
+    b = nf4kern.quantize_4bit(w.t().contiguous(), 64, double_quant=True)
+    assert_bytes_equal(a[0], b[0])
+    assert a[1] == b[1] and a[1].shape == (33, 65)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
+def test_quant_storage_is_a_view_of_the_same_bytes(storage, rng):
+    x = randn((16, 64), torch.bfloat16, rng)
+    base, state = nf4kern.quantize_4bit(x, 64)
+    packed, state2 = nf4kern.quantize_4bit(x, 64, quant_storage=storage)
+    itemsize = torch.empty((), dtype=storage).element_size()
+    assert packed.dtype == storage and packed.shape == (16 * 64 // 2 // itemsize, 1)
+    assert_bytes_equal(packed, base)
+    assert torch.equal(nf4kern.dequantize_4bit(packed, state2), nf4kern.dequantize_4bit(base, state))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_to_another_dtype_rounds_once(dtype, rng):
+    x = randn((7, 96), torch.float32, rng)
+    packed, state = nf4kern.quantize_4bit(x, 32, double_quant=True)
+    as_f32 = nf4kern.dequantize_4bit(packed, state, dtype=torch.float32)
+    assert torch.equal(nf4kern.dequantize_4bit(packed, state, dtype=dtype), as_f32.to(dtype))
+
+
+def test_packed_shape_is_a_column(rng):
+    for shape, rows in [((4096, 4096), 8388608), ((33, 65), 1073), ((3,), 2), ((2, 3, 64), 192)]:
+        packed, state = nf4kern.quantize_4bit(torch.zeros(shape), 64)
+        assert packed.shape == (rows, 1) and state.shape == shape
+
+
+def test_allow_nonfinite_decodes_bad_blocks_to_nan(rng):
+    x = randn((3, 64), torch.float32, rng)
+    x[0, 5] = float("nan")
+    x[1, 0] = float("inf")
+    before = x.clone()
+    packed, state = nf4kern.quantize_4bit(x, 64, allow_nonfinite=True)
+    ref = reference.quantize(x, 64, "nf4", False)
+    assert_bytes_equal(packed, torch.from_numpy(ref.packed))
+    assert torch.isnan(state.absmax[0]) and torch.isinf(state.absmax[1])
+    out = nf4kern.dequantize_4bit(packed, state)
+    assert torch.isnan(out[0]).all() and torch.equal(out[2], reference.dequantize(ref, 192, 64, "nf4", torch.float32)[128:])
+    assert_bytes_equal(x, before, "input")
