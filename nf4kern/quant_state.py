@@ -93,12 +93,12 @@ class QuantState:
         absmax = _tensor(flat, "absmax", device)
         code = _tensor(flat, "quant_map", device)
         _check_table(code, cb.codebook(quant_type), "quant_map")
-        nested = "nested_absmax" in flat
+        nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
         offset = state2 = None
-        if nested:
-            for key in ("nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset"):
+        if any(key in flat for key in nested_keys):
+            for key in nested_keys:
                 if key not in flat:
-                    raise ValueError(f"quantization state has nested_absmax but is missing {key!r}")
+                    raise ValueError(f"quantization state has nested entries but is missing {key!r}")
             if flat["nested_blocksize"] != cb.NESTED_BLOCKSIZE:
                 raise ValueError(f"nested_blocksize must be {cb.NESTED_BLOCKSIZE}, got {flat['nested_blocksize']!r}")
             nested_map = _tensor(flat, "nested_quant_map", device)
