@@ -130,3 +130,25 @@ def dequantize(q: Quantized, n: int, blocksize: int, quant_type: str, dtype: tor
     with np.errstate(invalid="ignore"):  # 0 * inf in a non-finite block (allow_nonfinite)
         w32 = _f32(values * scales).astype(np.float32)
     return torch.from_numpy(w32).to(dtype)  # round-to-nearest-even
+
+
+def dequantized_weight(packed: torch.Tensor, state) -> torch.Tensor:
+    """W_hat as float64 (the float32 values code * scale, exactly) in the state's shape."""
+    q = Quantized(
+        packed.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy(),
+        state.absmax.cpu().numpy(),
+        None if not state.nested else state.state2.absmax.cpu().numpy(),
+        None if not state.nested else np.float32(state.offset.item()),
+    )
+    return dequantize(q, state.numel, state.blocksize, state.quant_type, torch.float32).double().reshape(state.shape)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W_hat^T + bias in float64."""
+    y = x.detach().cpu().double() @ dequantized_weight(packed, state).T
+    return y if bias is None else y + bias.detach().cpu().double()
+
+
+def matmul_dx(dy: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """dx = dy W_hat in float64."""
+    return dy.detach().cpu().double() @ dequantized_weight(packed, state)

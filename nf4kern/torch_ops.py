@@ -13,6 +13,7 @@ so the result equals the exact rule for every float32 s.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -167,17 +168,57 @@ def dequantize_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, 
 def dequantize(packed, absmax, n, blocksize, quant_type, out_dtype, nested_absmax=None, offset=None) -> torch.Tensor:
     """Flat [n] values in out_dtype: one float32 product code * scale, one rounding."""
     scales = dequantize_absmax(absmax, nested_absmax, offset)
-    pairs = _pair_table(quant_type)
     out = torch.empty(n, dtype=out_dtype)
     values = torch.empty(min(_CHUNK, -(-n // blocksize) * blocksize), dtype=torch.float32)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
-        length = -(-(stop - start) // blocksize) * blocksize  # whole blocks; the tail is padding
-        nbytes = -(-(stop - start) // 2)
-        v = values[:length]
-        index = packed[start // 2 : start // 2 + nbytes].int()
-        torch.index_select(pairs, 0, index, out=v[: 2 * nbytes].view(torch.int64))
-        blocks = v.view(-1, blocksize)
-        blocks.mul_(scales[start // blocksize : start // blocksize + blocks.shape[0], None])
-        out[start:stop] = v[: stop - start]
+        out[start:stop] = dequantize_range(packed, scales, start, stop, blocksize, quant_type, values)
     return out
+
+
+def dequantize_range(packed, scales, start, stop, blocksize, quant_type, buffer) -> torch.Tensor:
+    """float32 values of flat elements [start, stop), start on a block boundary, written into
+    buffer (at least stop - start rounded up to whole blocks); returns the [stop - start] view."""
+    length = -(-(stop - start) // blocksize) * blocksize  # whole blocks; the tail is padding
+    nbytes = -(-(stop - start) // 2)
+    v = buffer[:length]
+    index = packed[start // 2 : start // 2 + nbytes].int()
+    torch.index_select(_pair_table(quant_type), 0, index, out=v[: 2 * nbytes].view(torch.int64))
+    blocks = v.view(-1, blocksize)
+    blocks.mul_(scales[start // blocksize : start // blocksize + blocks.shape[0], None])
+    return v[: stop - start]
+
+
+def _row_chunks(N: int, K: int, blocksize: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Row ranges of ~_CHUNK weights, each starting on a block boundary, and a float32 buffer
+    that holds the largest one."""
+    step = blocksize // math.gcd(K, blocksize)  # rows between block-aligned row starts
+    rows = min(N, max(step, (_CHUNK // K) // step * step))
+    buffer = torch.empty(-(-rows * K // blocksize) * blocksize, dtype=torch.float32)
+    return [(r0, min(r0 + rows, N)) for r0 in range(0, N, rows)], buffer
+
+
+def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for 2-D x, in float32, dequantizing W a cache-sized row chunk at a
+    time: the full dequantized weight never exists, and no bf16 matmul runs (slow on CPUs
+    without native bf16 GEMM)."""
+    xf = x.float()
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    chunks, buffer = _row_chunks(N, K, blocksize)
+    for r0, r1 in chunks:
+        w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
+        y[:, r0:r1] = xf @ w.t()
+    if bias is not None:
+        y += bias.float()
+    return y
+
+
+def matmul_dx(dy, packed, N, K, blocksize, quant_type, scales) -> torch.Tensor:
+    """dx = dy @ W in float32, accumulated over row chunks of W."""
+    dyf = dy.float()
+    dx = torch.zeros(dy.shape[0], K, dtype=torch.float32)
+    chunks, buffer = _row_chunks(N, K, blocksize)
+    for r0, r1 in chunks:
+        w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
+        dx.addmm_(dyf[:, r0:r1], w)
+    return dx
