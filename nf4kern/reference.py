@@ -152,3 +152,23 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | No
 def matmul_dx(dy: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     """dx = dy W_hat in float64."""
     return dy.detach().cpu().double() @ dequantized_weight(packed, state)
+
+
+def lora_forward(x, packed, state, bias, A, B, scale, keep):
+    """y = x W_hat^T + b + scale * (drop(x) A^T) B^T in float64, with drop(x) = x * keep / (1 - p)
+    given as the float64 multiplier `keep` (0 or 1/(1-p) per element, or None for no dropout)."""
+    x64 = x.detach().cpu().double()
+    xd = x64 if keep is None else x64 * keep.double()
+    S = xd @ A.detach().cpu().double().T
+    return matmul(x, packed, state, bias) + scale * S @ B.detach().cpu().double().T, S
+
+
+def lora_backward(dy, x, packed, state, A, B, scale, keep):
+    """(dx, dA, dB, dbias) of lora_forward in float64."""
+    dy64, x64 = dy.detach().cpu().double(), x.detach().cpu().double()
+    A64, B64 = A.detach().cpu().double(), B.detach().cpu().double()
+    xd = x64 if keep is None else x64 * keep.double()
+    S = xd @ A64.T
+    dS = scale * dy64 @ B64
+    dlora_x = dS @ A64 if keep is None else (dS @ A64) * keep.double()
+    return matmul_dx(dy, packed, state) + dlora_x, dS.T @ xd, scale * dy64.T @ S, dy64.sum(0)
