@@ -1,0 +1,750 @@
+"""Fused 4-bit (NF4/FP4) matmuls: y = x @ W_hat^T + bias and dx = dy @ W_hat.
+
+W_hat [N, K] is never materialised: every kernel loads the packed bytes of one weight tile,
+splits the nibbles, looks the codes up in the 16-entry fp32 code table, decodes the block scale
+of each element from its flat block index (plain fp32 absmax, or nested: 8-bit code -> dynamic
+map * nested absmax + offset), multiplies in fp32, and feeds the tile to the tensor cores.
+
+Paths (configs in _TABLES, chosen by _pick from M, the activation dtype, K and the blocksize;
+a heuristic, not autotuning: no timing runs, and the interpreter takes the generic configs):
+
+* M == 1 (decode), forward: `_nf4_gemv_kernel`. No tl.dot (it needs >= 16 rows): each program
+  dequantizes [64, 64] weight tiles and accumulates w * x in fp32 (explicit tl.fma), one tl.sum
+  at the end. Grid (N tiles, SPLIT_K); with SPLIT_K > 1 the fp32 partials go to a workspace and
+  `_splitk_reduce_kernel` sums them in a fixed order (deterministic), adds the bias and casts.
+* 2 <= M <= 64: `_nf4_gemm_kernel` / `_nf4_gemm_dx_kernel` with BLOCK_M >= M (one M tile, so
+  every packed byte is read once) and split-K sized to ~2 programs per SM.
+* M > 64: the same kernels as a tiled GEMM (128 x 128 x 32 forward, 128 x 64 output x 32 for dx,
+  8 warps, grouped program order so weight tiles are reused from L2); on sm_90 with
+  K % blocksize == 0, 256-row tiles. On sm_90 the tl.dot lowers to wgmma.
+* dx = dy @ W_hat reads the weight tile in its natural [n, k] orientation (reduction over N);
+  the forward transposes the dequantized [n, k] tile in-kernel (tl.trans).
+
+Format facts the kernels rely on: element (n, k) has flat index f = n*K + k (int64 in-kernel),
+byte f // 2, high nibble when f is even; block f // blocksize (blocks may straddle rows).
+When K is even (PAIRED) a byte holds two elements of one row and one block, so bytes are loaded
+once, both nibbles decoded, one scale is decoded per byte, and tl.interleave restores the k
+order. When K % blocksize == 0 and a tile's K extent lies inside one block (ROW_SCALE), the
+scale is decoded once per row of the tile.
+
+The nested scale is fp32(fp32(dmap[q] * nested) + offset), as the format defines it: kernels are
+launched with enable_fp_fusion=False so the compiler cannot contract it into an fma (the
+matmul's own accumulation uses tl.dot or an explicit tl.fma). fp32 activations use 3xTF32 dots.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["nf4_matmul", "nf4_matmul_dx", "COMPILE_SPECS"]
+
+_NESTED_BLOCKSIZE = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Two gaps of Triton's interpreter (3.9) with bfloat16, which numpy lacks: tl.dot runs np.matmul
+# on the raw uint16 storage, and an fp32 -> bf16 cast truncates where compiled code rounds to
+# nearest even. Under the interpreter, bf16 dot operands are widened to fp32 (exact: products of
+# bf16 values are exact in fp32) and fp32 -> bf16 casts round explicitly. Compiled kernels never
+# take these branches.
+_INTERPRETER_BF16 = tl.constexpr(_interpreting())
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_scale(block, mask, absmax_ptr, qabsmax_ptr, nested_ptr, offset, dmap_ptr, NESTED: tl.constexpr):
+    """fp32 scale of flat block index `block` (int64 tensor); masked lanes get a finite value."""
+    if NESTED:
+        q = tl.load(qabsmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        d = tl.load(dmap_ptr + q)
+        na = tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
+        s = d * na + offset
+    else:
+        s = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset, dmap_ptr,
+                  rows, row_mask, c0, K,
+                  BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr,
+                  ROW_SCALE: tl.constexpr, NESTED: tl.constexpr):
+    """fp32 W_hat[rows, c0:c0+BLOCK_C] ([R, BLOCK_C]); out-of-range elements are finite (0 * x).
+
+    rows: int64 [R]. c0 is a multiple of BLOCK_C (even when PAIRED).
+    """
+    if PAIRED:
+        half = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+        m = row_mask[:, None] & (half[None, :] < K // 2)
+        byte = rows[:, None] * (K // 2) + half[None, :]
+        b = tl.load(packed_ptr + byte, mask=m, other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (b >> 4))
+        lo = tl.load(code_ptr + (b & 15))
+        if ROW_SCALE:
+            s = _block_scale((rows * K + c0) // BLOCKSIZE, row_mask, absmax_ptr, qabsmax_ptr,
+                             nested_ptr, offset, dmap_ptr, NESTED)[:, None]
+        else:
+            # Both elements of a byte share a block: f = 2 * byte is even and blocksize is even.
+            s = _block_scale((byte * 2) // BLOCKSIZE, m, absmax_ptr, qabsmax_ptr, nested_ptr,
+                             offset, dmap_ptr, NESTED)
+        w = tl.interleave(hi * s, lo * s)
+    else:
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m = row_mask[:, None] & (cols[None, :] < K)
+        f = rows[:, None] * K + cols[None, :]
+        b = tl.load(packed_ptr + (f >> 1), mask=m, other=0).to(tl.int32)
+        shift = (4 - 4 * (f & 1)).to(tl.int32)
+        v = tl.load(code_ptr + ((b >> shift) & 15))
+        if ROW_SCALE:
+            s = _block_scale((rows * K + c0) // BLOCKSIZE, row_mask, absmax_ptr, qabsmax_ptr,
+                             nested_ptr, offset, dmap_ptr, NESTED)[:, None]
+        else:
+            s = _block_scale(f // BLOCKSIZE, m, absmax_ptr, qabsmax_ptr, nested_ptr, offset,
+                             dmap_ptr, NESTED)
+        w = v * s
+    return w
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, mask_m, mask_n, M, N, bias_ptr, out_ptr, stride_om,
+                ws_ptr, pid_k, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write an fp32 [BM, BN] accumulator: the final output (bias, cast) or a split-K partial."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, _cast(acc, out_ptr.dtype.element_ty), mask=mask)
+    else:
+        base = pid_k.to(tl.int64) * M * N
+        tl.store(ws_ptr + base + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr):
+    """v.to(dtype), rounding fp32 -> bf16 to nearest even under the interpreter too."""
+    if _INTERPRETER_BF16 and dtype == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_PRECISION: tl.constexpr):
+    """acc += a @ b with fp32 accumulation; a and b share one dtype."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=FP32_PRECISION)
+    elif _INTERPRETER_BF16 and a.dtype == tl.bfloat16:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program order that walks GROUP_M row tiles per column tile so weight tiles stay in L2."""
+    in_group = GROUP_M * num_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset_ptr,
+                     dmap_ptr, bias_ptr, out_ptr, ws_ptr,
+                     M, N, K, stride_xm, stride_om, k_per_split,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr, NESTED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """y[M, N] = x[M, K] @ W_hat[N, K]^T (+ bias); grid (tiles of M x N, SPLIT_K)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _grouped_pid(pid, num_m, num_n, GROUP_M)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset,
+                          dmap_ptr, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, PAIRED, ROW_SCALE,
+                          NESTED)
+        acc = _dot(a, tl.trans(_cast(w, a.dtype)), acc, FP32_PRECISION)
+
+    _store_tile(acc, offs_m, offs_n, mask_m, mask_n, M, N, bias_ptr, out_ptr, stride_om,
+                ws_ptr, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _nf4_gemm_dx_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr,
+                        offset_ptr, dmap_ptr, out_ptr, ws_ptr,
+                        M, N, K, stride_dm, stride_om, n_per_split,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr, NESTED: tl.constexpr,
+                        FP32_PRECISION: tl.constexpr):
+    """dx[M, K] = dy[M, N] @ W_hat[N, K]; output tiles BLOCK_M x BLOCK_K, reduction over N in
+    BLOCK_N steps; grid (tiles of M x K, SPLIT_K over N)."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_k = _grouped_pid(pid, num_m, num_k, GROUP_M)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    dy_rows = dy_ptr + offs_m[:, None] * stride_dm
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    n_lo = pid_s * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = tl.load(dy_rows + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                    other=0.0)
+        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset,
+                          dmap_ptr, offs_n.to(tl.int64), mask_n, k0, K, BLOCK_K, BLOCKSIZE, PAIRED,
+                          ROW_SCALE, NESTED)
+        acc = _dot(g, _cast(w, g.dtype), acc, FP32_PRECISION)
+
+    _store_tile(acc, offs_m, offs_k, mask_m, mask_k, M, K, out_ptr, out_ptr, stride_om,
+                ws_ptr, pid_s, SPLIT_K, False)
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset_ptr,
+                     dmap_ptr, bias_ptr, out_ptr, ws_ptr,
+                     N, K, k_per_split,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr,
+                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[1, N] = x[1, K] @ W_hat^T without tl.dot: fp32 multiply-accumulate and one tl.sum."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offset = 0.0
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if PAIRED:
+        # Keep the nibbles apart (no interleave): even and odd elements of x meet the high and
+        # low nibbles of the same bytes.
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            hmask = half < K // 2
+            m = mask_n[:, None] & hmask[None, :]
+            byte = offs_n[:, None] * (K // 2) + half[None, :]
+            b = tl.load(packed_ptr + byte, mask=m, other=0).to(tl.int32)
+            hi = tl.load(code_ptr + (b >> 4))
+            lo = tl.load(code_ptr + (b & 15))
+            if ROW_SCALE:
+                s = _block_scale((offs_n * K + k0) // BLOCKSIZE, mask_n, absmax_ptr, qabsmax_ptr,
+                                 nested_ptr, offset, dmap_ptr, NESTED)[:, None]
+            else:
+                s = _block_scale((byte * 2) // BLOCKSIZE, m, absmax_ptr, qabsmax_ptr, nested_ptr,
+                                 offset, dmap_ptr, NESTED)
+            xe = tl.load(x_ptr + 2 * half, mask=hmask, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * half + 1, mask=hmask, other=0.0).to(tl.float32)
+            acc = tl.fma(hi * s, xe[None, :], acc)
+            acc = tl.fma(lo * s, xo[None, :], acc)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset,
+                              dmap_ptr, offs_n, mask_n, k0, K, BLOCK_K, BLOCKSIZE, PAIRED,
+                              ROW_SCALE, NESTED)
+            xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            acc = tl.fma(w, xk[None, :], acc)
+    y = tl.sum(acc, axis=1)
+
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, _cast(y, out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * N + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, n] = sum_s ws[s, m, n] (+ bias[n]), summed in split order; grid (N tiles, M)."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_n < N
+    mn = M.to(tl.int64) * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * mn + m * N + offs_n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, _cast(acc, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Tiles of one launch. Forward: BLOCK_M x BLOCK_N output, BLOCK_K reduction step (a cap:
+    narrowed to the blocksize when rows hold whole blocks). dx: BLOCK_M x BLOCK_K output,
+    BLOCK_N reduction step over N."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Every config below compiles for sm_80 and sm_90 with 0 spilled bytes (COMPILE_SPECS; see the
+# module's report in the commit). The first entry of each list is the generic one: the one used
+# under the interpreter and on GPUs other than sm_90.
+_GEMV = _Config(1, 64, 64, 1, 4, 3)
+_GEMV_ODD_K = _Config(1, 32, 64, 1, 4, 3)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Configs of one GEMM kind: (largest M, config) buckets for M <= 64 (split-K, a single M
+    tile so each packed byte is read once), the large-M GEMM, and its sm_90 variant (aligned K
+    only: 256 rows amortise each dequantized weight tile) or None."""
+    buckets: tuple
+    large: _Config
+    large_sm90: _Config | None = None
+
+
+_TABLES = {
+    # bf16 / fp16 activations, even K.
+    ("fwd", "half"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
+                             (32, _Config(32, 64, 64, 1, 4, 4)),
+                             (64, _Config(64, 64, 64, 1, 4, 4))),
+                            _Config(128, 128, 32, 8, 8, 4), _Config(256, 64, 32, 8, 8, 3)),
+    ("dx", "half"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
+                            (64, _Config(64, 64, 64, 1, 4, 3))),
+                           _Config(128, 32, 64, 8, 8, 4), _Config(256, 32, 64, 8, 8, 3)),
+    # fp32 activations, even K: 3xTF32 dots and fp32 weight tiles in shared memory.
+    ("fwd", "fp32"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
+                             (64, _Config(64, 64, 32, 1, 4, 4))),
+                            _Config(128, 64, 32, 8, 8, 3)),
+    ("dx", "fp32"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
+                            (64, _Config(64, 32, 64, 1, 4, 3))),
+                           _Config(128, 32, 64, 8, 8, 3)),
+    # Odd K, any dtype: per-element nibbles and scales (about 5 gathers an element, staged in
+    # shared memory by the pipeliner): smaller tiles, two stages.
+    ("fwd", "odd"): _Table(((16, _Config(16, 64, 32, 1, 4, 2)),
+                            (64, _Config(64, 32, 32, 1, 4, 2))),
+                           _Config(128, 64, 32, 8, 8, 2)),
+    ("dx", "odd"): _Table(((16, _Config(16, 64, 64, 1, 4, 2)),
+                           (64, _Config(64, 32, 64, 1, 4, 2))),
+                          _Config(128, 32, 64, 8, 8, 2)),
+}
+_SPLIT_REDUCE_BLOCK = 256
+_MAX_SPLIT = 16
+_LARGE_M = 64  # M above this: the tiled GEMM without split-K
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100/H200-class default when no GPU is queried (interpreter, CPU)
+
+
+def _is_sm90(device: torch.device) -> bool:
+    return (not _interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _block_k_for(block_k: int, blocksize: int, K: int) -> int:
+    """The K step: inside one quantization block when rows hold whole blocks (one scale per
+    row of the tile), and never wider than a tiny K needs."""
+    if K % blocksize == 0 and blocksize < block_k:
+        block_k = blocksize
+    return max(32, min(block_k, triton.next_power_of_2(max(K, 1))))
+
+
+def _split_for(tiles: int, red: int, step: int, device: torch.device, min_steps: int = 4):
+    """(split, per_split): split a reduction of length `red` so about 2 programs per SM run,
+    each over at least `min_steps` steps; per_split is a multiple of `step`, no split is empty."""
+    steps = triton.cdiv(red, step)
+    want = max(1, (2 * _sm_count(device)) // max(tiles, 1))
+    split = max(1, min(want, steps // min_steps, _MAX_SPLIT))
+    per_split = triton.cdiv(steps, split) * step
+    return triton.cdiv(red, per_split), per_split
+
+
+def _variant(dtype: torch.dtype, K: int) -> str:
+    return "odd" if K % 2 else ("fp32" if dtype == torch.float32 else "half")
+
+
+def _pick(kind: str, M: int, dtype: torch.dtype, K: int, blocksize: int,
+          device: torch.device) -> _Config:
+    """The config of the forward ("fwd") or dx GEMM for M > 1 rows of `dtype` activations."""
+    table = _TABLES[(kind, _variant(dtype, K))]
+    for bound, cfg in table.buckets:
+        if M <= bound:
+            return cfg
+    if table.large_sm90 is not None and K % blocksize == 0 and _is_sm90(device):
+        return table.large_sm90
+    return table.large
+
+
+# fp32 operands go through 3xTF32 dots: about fp32 accuracy on the tensor cores. (Plain "tf32"
+# is not offered: Triton 3.9 fails to compile the dx kernel with it on sm_90.)
+_FP32_PRECISION = "tf32x3"
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch wrappers
+# ------------------------------------------------------------------------------------------------
+
+
+def _weight_args(packed, code, absmax, N, K, blocksize, nested, device):
+    """The kernels' weight arguments: (packed, code, absmax, qabsmax, nested_absmax, offset,
+    dynamic_map, is_nested); unused pointers repeat a used tensor of the same dtype."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize!r}")
+    n_el = N * K
+    nblocks = triton.cdiv(n_el, blocksize)
+    if packed.dtype != torch.uint8 or packed.numel() != triton.cdiv(n_el, 2):
+        raise ValueError(f"packed must be uint8 with {triton.cdiv(n_el, 2)} bytes for [{N}, {K}]")
+    if code.numel() != 16:
+        raise ValueError("code must be a 16-entry table")
+    for name, t in (("packed", packed), ("code", code)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+    packed = packed.reshape(-1).contiguous()
+    code = code.reshape(-1).to(torch.float32).contiguous()
+    if nested is None:
+        if absmax is None or absmax.numel() != nblocks:
+            raise ValueError(f"absmax must hold {nblocks} float32 scales")
+        if absmax.device != device:
+            raise ValueError(f"absmax is on {absmax.device}, the activations on {device}")
+        absmax = absmax.reshape(-1).to(torch.float32).contiguous()
+        return packed, code, absmax, packed, absmax, absmax, absmax, False
+    if absmax is not None:
+        raise ValueError("pass absmax=None with nested scales")
+    qabsmax, nested_absmax, offset, dmap = nested
+    if qabsmax.dtype != torch.uint8 or qabsmax.numel() != nblocks:
+        raise ValueError(f"nested qabsmax must be uint8 with {nblocks} codes")
+    if nested_absmax.numel() != triton.cdiv(nblocks, _NESTED_BLOCKSIZE) or dmap.numel() != 256:
+        raise ValueError("nested_absmax must hold ceil(B / 256) scales and dynamic_map 256 values")
+    if not torch.is_tensor(offset) or offset.numel() != 1:
+        raise ValueError("offset must be a one-element float32 tensor")
+    for name, t in (("qabsmax", qabsmax), ("nested_absmax", nested_absmax), ("offset", offset),
+                    ("dynamic_map", dmap)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+    qabsmax = qabsmax.reshape(-1).contiguous()
+    nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
+    offset = offset.reshape(1).to(torch.float32)
+    dmap = dmap.reshape(-1).to(torch.float32).contiguous()
+    return packed, code, nested_absmax, qabsmax, nested_absmax, offset, dmap, True
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take row-major operands with unit column stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _output(out, shape, dtype, device):
+    """(buffer the kernel writes, user's out or None): a user buffer without unit column stride
+    is written through a temporary."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device), None
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be {tuple(shape)} {dtype} on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(-1) == 1 or shape[-1] <= 1:
+        return out, None
+    return torch.empty(shape, dtype=dtype, device=device), out
+
+
+def _finish(buf, user_out):
+    if user_out is None:
+        return buf
+    user_out.copy_(buf)
+    return user_out
+
+
+def _check_act(t, name, width, dim_name):
+    if t.dim() != 2 or t.shape[1] != width:
+        raise ValueError(f"{name} must be [M, {dim_name}={width}], got {tuple(t.shape)}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+_LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+
+def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None, out_dtype=None,
+               out=None) -> torch.Tensor:
+    """y = x @ W_hat^T (+ bias): x [M, K] fp16/bf16/fp32 -> [M, N] in out_dtype (default x.dtype).
+
+    W_hat [N, K] is given by `packed` (uint8 [ceil(N*K/2)]), `code` (the 16 fp32 code values)
+    and either `absmax` (fp32 [B]) or `nested` = (qabsmax uint8 [B], nested_absmax fp32
+    [ceil(B/256)], offset fp32 one-element tensor, dynamic_map fp32 [256]) with absmax=None.
+    `out`: an optional preallocated [M, N] out_dtype result, returned.
+    """
+    _check_act(x, "x", K, "K")
+    M, device = x.shape[0], x.device
+    out_dtype = out_dtype or x.dtype
+    buf, user_out = _output(out, (M, N), out_dtype, device)
+    if bias is not None and (bias.numel() != N or bias.device != device):
+        raise ValueError(f"bias must hold {N} values on {device}")
+    pk, code, absmax, qabsmax, nested_absmax, offset, dmap, is_nested = _weight_args(
+        packed, code, absmax, N, K, blocksize, nested, device)
+    if M == 0 or N == 0:
+        return _finish(buf, user_out)
+    if K == 0:
+        buf.copy_(bias.reshape(1, N).expand(M, N) if bias is not None else torch.zeros_like(buf))
+        return _finish(buf, user_out)
+    x = _rows(x)
+    has_bias = bias is not None
+    bias_arg = bias.reshape(-1).contiguous() if has_bias else absmax
+    paired = K % 2 == 0
+    weight = (pk, code, absmax, qabsmax, nested_absmax, offset, dmap)
+
+    if M == 1:
+        cfg = _GEMV if paired else _GEMV_ODD_K
+        block_k = _block_k_for(cfg.block_k, blocksize, K)
+        tiles = triton.cdiv(N, cfg.block_n)
+        split, per_split = _split_for(tiles, K, block_k, device)
+        ws = torch.empty((split, N), dtype=torch.float32, device=device) if split > 1 else buf
+        _nf4_gemv_kernel[(tiles, split)](
+            x, *weight, bias_arg, buf, ws, N, K, per_split,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKSIZE=blocksize,
+            PAIRED=paired, ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0,
+            NESTED=is_nested, HAS_BIAS=has_bias,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTS)
+    else:
+        cfg = _pick("fwd", M, x.dtype, K, blocksize, device)
+        block_k = _block_k_for(cfg.block_k, blocksize, K)
+        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+        if M <= _LARGE_M:
+            split, per_split = _split_for(tiles, K, block_k, device)
+        else:
+            split, per_split = 1, triton.cdiv(K, block_k) * block_k
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=device) if split > 1 else buf
+        _nf4_gemm_kernel[(tiles, split)](
+            x, *weight, bias_arg, buf, ws, M, N, K, x.stride(0), buf.stride(0), per_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+            SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
+            ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
+            HAS_BIAS=has_bias, FP32_PRECISION=_FP32_PRECISION, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **_LAUNCH_OPTS)
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(N, _SPLIT_REDUCE_BLOCK), M)](
+            ws, bias_arg, buf, M, N, buf.stride(0),
+            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+    return _finish(buf, user_out)
+
+
+def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dtype=None,
+                  out=None) -> torch.Tensor:
+    """dx = dy @ W_hat: dy [M, N] fp16/bf16/fp32 -> [M, K] in out_dtype (default dy.dtype).
+
+    The weight arguments are those of nf4_matmul; `out`: an optional preallocated [M, K] result.
+    """
+    _check_act(dy, "dy", N, "N")
+    M, device = dy.shape[0], dy.device
+    out_dtype = out_dtype or dy.dtype
+    buf, user_out = _output(out, (M, K), out_dtype, device)
+    pk, code, absmax, qabsmax, nested_absmax, offset, dmap, is_nested = _weight_args(
+        packed, code, absmax, N, K, blocksize, nested, device)
+    if M == 0 or K == 0:
+        return _finish(buf, user_out)
+    if N == 0:
+        buf.zero_()
+        return _finish(buf, user_out)
+    dy = _rows(dy)
+    paired = K % 2 == 0
+    cfg = _pick("dx", M, dy.dtype, K, blocksize, device)
+    block_k = _block_k_for(cfg.block_k, blocksize, K)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k)
+    if M <= _LARGE_M:
+        split, per_split = _split_for(tiles, N, cfg.block_n, device)
+    else:
+        split, per_split = 1, triton.cdiv(N, cfg.block_n) * cfg.block_n
+    ws = torch.empty((split, M, K), dtype=torch.float32, device=device) if split > 1 else buf
+    _nf4_gemm_dx_kernel[(tiles, split)](
+        dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws,
+        M, N, K, dy.stride(0), buf.stride(0), per_split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
+        ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
+        FP32_PRECISION=_FP32_PRECISION, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_LAUNCH_OPTS)
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(K, _SPLIT_REDUCE_BLOCK), M)](
+            ws, ws, buf, M, K, buf.stride(0),
+            SPLIT_K=split, HAS_BIAS=False, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+    return _finish(buf, user_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (nf4kern.compile_gate)
+# ------------------------------------------------------------------------------------------------
+
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Integer arguments that are multiples of 16 for aligned shapes (K % 32 == 0, N % 16 == 0,
+# contiguous rows); the JIT specialises them (and every 16-byte-aligned pointer) the same way.
+_DIV16_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_om", "k_per_split", "n_per_split")
+
+
+def _signature(kernel, act: str, constexprs: dict) -> dict:
+    types = {"packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8",
+             "nested_ptr": "*fp32", "offset_ptr": "*fp32", "dmap_ptr": "*fp32", "ws_ptr": "*fp32",
+             "out_ptr": f"*{act}", "bias_ptr": f"*{act}", "x_ptr": f"*{act}", "dy_ptr": f"*{act}"}
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
+            for name in kernel.arg_names}
+
+
+def _div16_attrs(kernel, signature: dict, odd_k: bool) -> dict:
+    """ASTSource attrs: tt.divisibility=16 on pointers and on the aligned integer arguments."""
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        t = signature[name]
+        # Odd K: K and the row stride of the [*, K] operand (x, or dx's output) are odd.
+        odd = odd_k and (name == "K" or (name == "stride_xm") or
+                         (name == "stride_om" and kernel is _nf4_gemm_dx_kernel))
+        if t.startswith("*") or (name in _DIV16_INTS and not odd):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+try:
+    from nf4kern.compile_gate import KernelSpec as _KernelSpec
+except ImportError:  # compile_gate not written yet: plain dicts with the agreed keys
+    _KernelSpec = None
+
+
+def _spec(name, kernel, act, cfg_warps, cfg_stages, constexprs, wgmma=False, odd_k=False):
+    signature = _signature(kernel, act, constexprs)
+    fields = dict(name=name, fn=kernel, signature=signature, constexprs=dict(constexprs),
+                  num_warps=cfg_warps, num_stages=cfg_stages,
+                  require_wgmma_on=(90,) if wgmma else (),
+                  attrs=_div16_attrs(kernel, signature, odd_k))
+    return _KernelSpec(**fields) if _KernelSpec is not None else fields
+
+
+def _gemm_spec(name, act, cfg, nested, split, paired=True, row_scale=True, bias=True):
+    c = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+             SPLIT_K=split, BLOCKSIZE=64, PAIRED=paired, ROW_SCALE=row_scale, NESTED=nested,
+             HAS_BIAS=bias, FP32_PRECISION=_FP32_PRECISION)
+    return _spec(name, _nf4_gemm_kernel, act, cfg.num_warps, cfg.num_stages, c,
+                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired)
+
+
+def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True):
+    c = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+             SPLIT_K=split, BLOCKSIZE=64, PAIRED=paired, ROW_SCALE=row_scale, NESTED=nested,
+             FP32_PRECISION=_FP32_PRECISION)
+    return _spec(name, _nf4_gemm_dx_kernel, act, cfg.num_warps, cfg.num_stages, c,
+                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired)
+
+
+def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True):
+    c = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=4, BLOCKSIZE=64, PAIRED=paired,
+             ROW_SCALE=row_scale, NESTED=nested, HAS_BIAS=True)
+    return _spec(name, _nf4_gemv_kernel, act, cfg.num_warps, cfg.num_stages, c, odd_k=not paired)
+
+
+def _table_specs(kind, variant, act, nested, row_scale=True, buckets=None):
+    """Specs of every config of one table: the split-K buckets and the large-M GEMMs."""
+    table = _TABLES[(kind, variant)]
+    make = _gemm_spec if kind == "fwd" else _dx_spec
+    paired = variant != "odd"
+    row_scale = row_scale and paired
+    tag = f"{act}_{'nested' if nested else 'plain'}"
+    if variant == "odd" or not row_scale:
+        tag += "_odd_k" if variant == "odd" else "_straddle"
+    out = []
+    for bound, cfg in table.buckets[:buckets]:
+        out.append(make(f"{kind}_m{bound}_splitk_{tag}", act, cfg, nested, 4, paired, row_scale))
+    out.append(make(f"{kind}_large_{tag}", act, table.large, nested, 1, paired, row_scale))
+    if table.large_sm90 is not None and row_scale:  # sm_90 tiles run for K % blocksize == 0 only
+        out.append(make(f"{kind}_large_sm90_{tag}", act, table.large_sm90, nested, 1, paired,
+                        row_scale))
+    return out
+
+
+def _compile_specs() -> list:
+    """One spec per kernel and config of _TABLES: blocksize 64 with K % 64 == 0 (PAIRED and
+    ROW_SCALE) for bf16 and fp16, nested on and off; fp32 (nested); the general paths (blocks
+    straddling rows: one scale per byte; odd K: per-element nibbles and scales); the GEMV and
+    the split-K reduction."""
+    specs = []
+    for act in ("bf16", "fp16"):
+        for nested in (False, True):
+            tag = f"{act}_{'nested' if nested else 'plain'}"
+            specs += _table_specs("fwd", "half", act, nested)
+            specs += _table_specs("dx", "half", act, nested)
+            specs.append(_gemv_spec(f"gemv_splitk_{tag}", act, _GEMV, nested))
+        specs.append(_spec(f"splitk_reduce_{act}", _splitk_reduce_kernel, act, 4, 1,
+                           dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=_SPLIT_REDUCE_BLOCK)))
+    for kind in ("fwd", "dx"):
+        specs += _table_specs(kind, "fp32", "fp32", True)
+        specs += _table_specs(kind, "odd", "bf16", True)
+        specs += _table_specs(kind, "odd", "fp32", True)
+        specs += _table_specs(kind, "half", "bf16", True, row_scale=False, buckets=1)
+    specs += [_gemv_spec("gemv_splitk_bf16_nested_straddle", "bf16", _GEMV, True, row_scale=False),
+              _gemv_spec("gemv_splitk_bf16_nested_odd_k", "bf16", _GEMV_ODD_K, True, paired=False,
+                         row_scale=False)]
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()
