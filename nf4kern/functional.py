@@ -48,6 +48,11 @@ def quantize_4bit(
     )
     if double_quant:
         offset = absmax.mean()  # as bitsandbytes stores it; the reduction order sets the last bit
+        if not allow_nonfinite and not bool(torch.isfinite(offset)):
+            raise ValueError(
+                "double quantization needs the float32 mean of the block absmax to be finite; it "
+                f"overflows to {offset.item()} for A (values near the float32 limit): use double_quant=False"
+            )
         qabsmax, nested_absmax = impl.quantize_nested(absmax, offset)
         state.absmax, state.offset, state.nested = qabsmax, offset, True
         state.state2 = QuantState(
@@ -125,5 +130,5 @@ def _check_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> None
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), A.shape))
     raise ValueError(
         f"A has {count} non-finite value(s) (NaN or inf); the first is A{list(index)} = {flat[first].item()}. "
-        "Pass allow_nonfinite=True to quantize anyway (those blocks decode to NaN)."
+        "Pass allow_nonfinite=True to quantize anyway (those blocks do not decode to their values)."
     )

@@ -19,7 +19,8 @@ _TINY_ABSMAX = np.float32(1e-38)
 
 
 def _f32(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+    with np.errstate(over="ignore"):  # float32 overflow to inf is part of the arithmetic
+        return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
 @dataclass
@@ -97,9 +98,11 @@ def quantize_nested(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray,
     padded[: centred.size] = centred
     blocks = padded.reshape(nblocks, cb.NESTED_BLOCKSIZE)
     nested_absmax = np.abs(blocks).max(axis=1)
-    with np.errstate(divide="ignore"):
+    # float32(1 / nested absmax) overflows to inf below ~2**-128: scaled values are then +-inf
+    # (codes 255 / 0) or NaN for 0 * inf (code 255, as NaN sorts last), as bitsandbytes stores.
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         recip = _f32(1.0 / nested_absmax)
-    s = _f32(blocks * np.where(np.isinf(recip), 0, recip)[:, None])
+        s = _f32(blocks * recip[:, None])
     codes = dynamic_codes(s.reshape(-1)).reshape(nblocks, cb.NESTED_BLOCKSIZE)
     # A block whose absmax all equal the offset has nested absmax 0: bitsandbytes' scaled values
     # are NaN there and store code 0. Any code decodes to the offset (code * 0 + offset).
