@@ -19,6 +19,8 @@ a heuristic, not autotuning: no timing runs, and the interpreter takes the gener
   K % blocksize == 0, 256-row tiles. On sm_90 the tl.dot lowers to wgmma.
 * dx = dy @ W_hat reads the weight tile in its natural [n, k] orientation (reduction over N);
   the forward transposes the dequantized [n, k] tile in-kernel (tl.trans).
+* LoRA epilogue (forward, optional): y += lora_scale * lora_s @ lora_b^T on the fp32
+  accumulator of the base GEMM / GEMV, so y is written once (split 0 adds it under split-K).
 
 Format facts the kernels rely on: element (n, k) has flat index f = n*K + k (int64 in-kernel),
 byte f // 2, high nibble when f is even; block f // blocksize (blocks may straddle rows).
@@ -33,6 +35,7 @@ matmul's own accumulation uses tl.dot or an explicit tl.fma). fp32 activations u
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -155,6 +158,24 @@ def _dot(a, b, acc, FP32_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _lora_epilogue(acc, s_ptr, b_ptr, scale, r, stride_sm, stride_bn, offs_m, offs_n, mask_m,
+                   mask_n, dot_dtype: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """acc + scale * (S[offs_m, :r] @ B[offs_n, :r]^T): S and B rounded to dot_dtype (the
+    activation dtype), fp32 accumulation. Not software-pipelined: it runs once per tile."""
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, r, BLOCK_R, num_stages=1):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < r
+        sv = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bv = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        lora = _dot(_cast(sv, dot_dtype), tl.trans(_cast(bv, dot_dtype)), lora, FP32_PRECISION)
+    return acc + scale * lora
+
+
+@triton.jit
 def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Program order that walks GROUP_M row tiles per column tile so weight tiles stay in L2."""
     in_group = GROUP_M * num_n
@@ -173,13 +194,16 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _nf4_gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset_ptr,
-                     dmap_ptr, bias_ptr, out_ptr, ws_ptr,
+                     dmap_ptr, bias_ptr, out_ptr, ws_ptr, lora_s_ptr, lora_b_ptr,
                      M, N, K, stride_xm, stride_om, k_per_split,
+                     lora_scale, lora_r, stride_sm, stride_bn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                      PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr, NESTED: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    """y[M, N] = x[M, K] @ W_hat[N, K]^T (+ bias); grid (tiles of M x N, SPLIT_K)."""
+                     HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                     HAS_LORA: tl.constexpr, LORA_BLOCK_R: tl.constexpr):
+    """y[M, N] = x[M, K] @ W_hat[N, K]^T (+ bias) (+ lora_scale * lora_s[M, r] @ lora_b[N, r]^T);
+    grid (tiles of M x N, SPLIT_K). The LoRA term rides in the epilogue (split 0 only)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -207,6 +231,11 @@ def _nf4_gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, neste
                           NESTED)
         acc = _dot(a, tl.trans(_cast(w, a.dtype)), acc, FP32_PRECISION)
 
+    if HAS_LORA:
+        if pid_k == 0:
+            acc = _lora_epilogue(acc, lora_s_ptr, lora_b_ptr, lora_scale, lora_r, stride_sm,
+                                 stride_bn, offs_m, offs_n, mask_m, mask_n, x_ptr.dtype.element_ty,
+                                 BLOCK_M, BLOCK_N, LORA_BLOCK_R, FP32_PRECISION)
     _store_tile(acc, offs_m, offs_n, mask_m, mask_n, M, N, bias_ptr, out_ptr, stride_om,
                 ws_ptr, pid_k, SPLIT_K, HAS_BIAS)
 
@@ -256,11 +285,12 @@ def _nf4_gemm_dx_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, n
 
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr, offset_ptr,
-                     dmap_ptr, bias_ptr, out_ptr, ws_ptr,
-                     N, K, k_per_split,
+                     dmap_ptr, bias_ptr, out_ptr, ws_ptr, lora_s_ptr, lora_b_ptr,
+                     N, K, k_per_split, lora_scale, lora_r, stride_bn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCKSIZE: tl.constexpr, PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr,
-                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                     LORA_BLOCK_R: tl.constexpr):
     """y[1, N] = x[1, K] @ W_hat^T without tl.dot: fp32 multiply-accumulate and one tl.sum."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -304,6 +334,17 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, neste
             xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             acc = tl.fma(w, xk[None, :], acc)
     y = tl.sum(acc, axis=1)
+    if HAS_LORA:
+        if pid_k == 0:
+            lora = tl.zeros((BLOCK_N, LORA_BLOCK_R), dtype=tl.float32)
+            for r0 in tl.range(0, lora_r, LORA_BLOCK_R, num_stages=1):
+                offs_r = r0 + tl.arange(0, LORA_BLOCK_R)
+                mask_r = offs_r < lora_r
+                sv = tl.load(lora_s_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                bv = tl.load(lora_b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                             mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                lora = tl.fma(bv, sv[None, :], lora)
+            y = y + lora_scale * tl.sum(lora, axis=1)
 
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -396,15 +437,23 @@ _MAX_SPLIT = 16
 _LARGE_M = 64  # M above this: the tiled GEMM without split-K
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int) -> tuple[int, int]:
+    """(SM count, major compute capability) of one CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[0]
     return 132  # H100/H200-class default when no GPU is queried (interpreter, CPU)
 
 
 def _is_sm90(device: torch.device) -> bool:
-    return (not _interpreting() and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+    if _interpreting() or device.type != "cuda":
+        return False
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[1] == 9
 
 
 def _block_k_for(block_k: int, blocksize: int, K: int) -> int:
@@ -530,14 +579,40 @@ def _check_act(t, name, width, dim_name):
 _LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 
+def _lora_block_r(r, *dtypes) -> int:
+    """The r step of the LoRA epilogue: 16..64, 32 at most when an operand is fp32 (registers)."""
+    cap = 32 if any(d in (torch.float32, "fp32") for d in dtypes) else 64
+    return max(16, min(cap, triton.next_power_of_2(r)))
+
+
+def _check_lora(lora_s, lora_b, M, N, device) -> bool:
+    if lora_s is None and lora_b is None:
+        return False
+    if lora_s is None or lora_b is None:
+        raise ValueError("pass both lora_s and lora_b, or neither")
+    for name, t in (("lora_s", lora_s), ("lora_b", lora_b)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
+            raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor on {device}")
+    if lora_s.dim() != 2 or lora_b.dim() != 2 or lora_s.shape[0] != M or lora_b.shape[0] != N \
+            or lora_s.shape[1] != lora_b.shape[1]:
+        raise ValueError(f"lora_s must be [M={M}, r] and lora_b [N={N}, r], got "
+                         f"{tuple(lora_s.shape)} and {tuple(lora_b.shape)}")
+    return lora_s.shape[1] > 0
+
+
 def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None, out_dtype=None,
-               out=None) -> torch.Tensor:
+               out=None, lora_s=None, lora_b=None, lora_scale=1.0) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias): x [M, K] fp16/bf16/fp32 -> [M, N] in out_dtype (default x.dtype).
 
     W_hat [N, K] is given by `packed` (uint8 [ceil(N*K/2)]), `code` (the 16 fp32 code values)
     and either `absmax` (fp32 [B]) or `nested` = (qabsmax uint8 [B], nested_absmax fp32
     [ceil(B/256)], offset fp32 one-element tensor, dynamic_map fp32 [256]) with absmax=None.
     `out`: an optional preallocated [M, N] out_dtype result, returned.
+
+    LoRA epilogue: with lora_s [M, r] and lora_b [N, r] (any float dtypes), y += lora_scale *
+    lora_s @ lora_b^T is added to the fp32 accumulator before the single rounding and store of
+    y. The product runs on x's dtype (S and B rounded to it; fp32 accumulation); for M == 1 in
+    fp32.
     """
     _check_act(x, "x", K, "K")
     M, device = x.shape[0], x.device
@@ -545,18 +620,33 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
     buf, user_out = _output(out, (M, N), out_dtype, device)
     if bias is not None and (bias.numel() != N or bias.device != device):
         raise ValueError(f"bias must hold {N} values on {device}")
+    has_lora = _check_lora(lora_s, lora_b, M, N, device)
     pk, code, absmax, qabsmax, nested_absmax, offset, dmap, is_nested = _weight_args(
         packed, code, absmax, N, K, blocksize, nested, device)
     if M == 0 or N == 0:
         return _finish(buf, user_out)
     if K == 0:
-        buf.copy_(bias.reshape(1, N).expand(M, N) if bias is not None else torch.zeros_like(buf))
+        y0 = torch.zeros((M, N), dtype=torch.float32, device=device)
+        if bias is not None:
+            y0 += bias.float()
+        if has_lora:
+            y0 += lora_scale * (lora_s.double() @ lora_b.double().T).float()
+        buf.copy_(y0)
         return _finish(buf, user_out)
     x = _rows(x)
     has_bias = bias is not None
     bias_arg = bias.reshape(-1).contiguous() if has_bias else absmax
     paired = K % 2 == 0
     weight = (pk, code, absmax, qabsmax, nested_absmax, offset, dmap)
+    if has_lora:
+        lora_s, lora_b = _rows(lora_s), _rows(lora_b)
+        r = lora_s.shape[1]
+        lora = dict(HAS_LORA=True, LORA_BLOCK_R=_lora_block_r(r, x.dtype, lora_s.dtype, lora_b.dtype))
+    else:
+        lora_s = lora_b = absmax
+        r = 0
+        lora = dict(HAS_LORA=False, LORA_BLOCK_R=16)
+    lora_scale = float(lora_scale)
 
     if M == 1:
         cfg = _GEMV if paired else _GEMV_ODD_K
@@ -565,10 +655,11 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
         split, per_split = _split_for(tiles, K, block_k, device)
         ws = torch.empty((split, N), dtype=torch.float32, device=device) if split > 1 else buf
         _nf4_gemv_kernel[(tiles, split)](
-            x, *weight, bias_arg, buf, ws, N, K, per_split,
+            x, *weight, bias_arg, buf, ws, lora_s, lora_b, N, K, per_split, lora_scale, r,
+            lora_b.stride(0) if has_lora else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKSIZE=blocksize,
             PAIRED=paired, ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0,
-            NESTED=is_nested, HAS_BIAS=has_bias,
+            NESTED=is_nested, HAS_BIAS=has_bias, **lora,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTS)
     else:
         cfg = _pick("fwd", M, x.dtype, K, blocksize, device)
@@ -580,11 +671,13 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
             split, per_split = 1, triton.cdiv(K, block_k) * block_k
         ws = torch.empty((split, M, N), dtype=torch.float32, device=device) if split > 1 else buf
         _nf4_gemm_kernel[(tiles, split)](
-            x, *weight, bias_arg, buf, ws, M, N, K, x.stride(0), buf.stride(0), per_split,
+            x, *weight, bias_arg, buf, ws, lora_s, lora_b, M, N, K, x.stride(0), buf.stride(0),
+            per_split, lora_scale, r, lora_s.stride(0) if has_lora else 0,
+            lora_b.stride(0) if has_lora else 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
             ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
-            HAS_BIAS=has_bias, FP32_PRECISION=_FP32_PRECISION, num_warps=cfg.num_warps,
+            HAS_BIAS=has_bias, FP32_PRECISION=_FP32_PRECISION, **lora, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **_LAUNCH_OPTS)
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(N, _SPLIT_REDUCE_BLOCK), M)](
@@ -642,13 +735,15 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Integer arguments that are multiples of 16 for aligned shapes (K % 32 == 0, N % 16 == 0,
 # contiguous rows); the JIT specialises them (and every 16-byte-aligned pointer) the same way.
-_DIV16_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_om", "k_per_split", "n_per_split")
+_DIV16_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_om", "k_per_split", "n_per_split",
+               "lora_r", "stride_sm", "stride_bn")
 
 
-def _signature(kernel, act: str, constexprs: dict) -> dict:
+def _signature(kernel, act: str, constexprs: dict, lora_s: str = "fp32", lora_b: str = "fp32") -> dict:
     types = {"packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8",
              "nested_ptr": "*fp32", "offset_ptr": "*fp32", "dmap_ptr": "*fp32", "ws_ptr": "*fp32",
-             "out_ptr": f"*{act}", "bias_ptr": f"*{act}", "x_ptr": f"*{act}", "dy_ptr": f"*{act}"}
+             "out_ptr": f"*{act}", "bias_ptr": f"*{act}", "x_ptr": f"*{act}", "dy_ptr": f"*{act}",
+             "lora_s_ptr": f"*{lora_s}", "lora_b_ptr": f"*{lora_b}", "lora_scale": "fp32"}
     return {name: "constexpr" if name in constexprs else types.get(name, "i32")
             for name in kernel.arg_names}
 
@@ -672,8 +767,9 @@ except ImportError:  # compile_gate not written yet: plain dicts with the agreed
     _KernelSpec = None
 
 
-def _spec(name, kernel, act, cfg_warps, cfg_stages, constexprs, wgmma=False, odd_k=False):
-    signature = _signature(kernel, act, constexprs)
+def _spec(name, kernel, act, cfg_warps, cfg_stages, constexprs, wgmma=False, odd_k=False,
+          lora=("fp32", "fp32")):
+    signature = _signature(kernel, act, constexprs, *lora)
     fields = dict(name=name, fn=kernel, signature=signature, constexprs=dict(constexprs),
                   num_warps=cfg_warps, num_stages=cfg_stages,
                   require_wgmma_on=(90,) if wgmma else (),
@@ -681,12 +777,15 @@ def _spec(name, kernel, act, cfg_warps, cfg_stages, constexprs, wgmma=False, odd
     return _KernelSpec(**fields) if _KernelSpec is not None else fields
 
 
-def _gemm_spec(name, act, cfg, nested, split, paired=True, row_scale=True, bias=True):
+def _gemm_spec(name, act, cfg, nested, split, paired=True, row_scale=True, bias=True, lora=None):
+    """lora: None, or (dtype of lora_s, dtype of lora_b) for the LoRA epilogue with r = 64."""
     c = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
              SPLIT_K=split, BLOCKSIZE=64, PAIRED=paired, ROW_SCALE=row_scale, NESTED=nested,
-             HAS_BIAS=bias, FP32_PRECISION=_FP32_PRECISION)
+             HAS_BIAS=bias, FP32_PRECISION=_FP32_PRECISION, HAS_LORA=lora is not None,
+             LORA_BLOCK_R=_lora_block_r(64, act, *lora) if lora else 16)
     return _spec(name, _nf4_gemm_kernel, act, cfg.num_warps, cfg.num_stages, c,
-                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired)
+                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired,
+                 lora=lora or ("fp32", "fp32"))
 
 
 def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True):
@@ -697,10 +796,12 @@ def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True):
                  wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired)
 
 
-def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True):
+def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True, lora=None):
     c = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=4, BLOCKSIZE=64, PAIRED=paired,
-             ROW_SCALE=row_scale, NESTED=nested, HAS_BIAS=True)
-    return _spec(name, _nf4_gemv_kernel, act, cfg.num_warps, cfg.num_stages, c, odd_k=not paired)
+             ROW_SCALE=row_scale, NESTED=nested, HAS_BIAS=True, HAS_LORA=lora is not None,
+             LORA_BLOCK_R=_lora_block_r(64, act, *lora) if lora else 16)
+    return _spec(name, _nf4_gemv_kernel, act, cfg.num_warps, cfg.num_stages, c, odd_k=not paired,
+                 lora=lora or ("fp32", "fp32"))
 
 
 def _table_specs(kind, variant, act, nested, row_scale=True, buckets=None):
@@ -741,6 +842,18 @@ def _compile_specs() -> list:
         specs += _table_specs(kind, "odd", "bf16", True)
         specs += _table_specs(kind, "odd", "fp32", True)
         specs += _table_specs(kind, "half", "bf16", True, row_scale=False, buckets=1)
+    # The LoRA epilogue (r = 64): S in fp32 or bf16, B in bf16.
+    half = _TABLES[("fwd", "half")]
+    for s_dtype in ("fp32", "bf16"):
+        tag = f"bf16_nested_lora_s{s_dtype}"
+        lora = (s_dtype, "bf16")
+        specs += [_gemm_spec(f"fwd_large_{tag}", "bf16", half.large, True, 1, lora=lora),
+                  _gemm_spec(f"fwd_large_sm90_{tag}", "bf16", half.large_sm90, True, 1, lora=lora),
+                  _gemm_spec(f"fwd_m16_splitk_{tag}", "bf16", half.buckets[0][1], True, 4,
+                             lora=lora),
+                  _gemv_spec(f"gemv_splitk_{tag}", "bf16", _GEMV, True, lora=lora)]
+    specs += [_gemm_spec("fwd_large_fp32_nested_lora_sfp32", "fp32", _TABLES[("fwd", "fp32")].large,
+                         True, 1, lora=("fp32", "fp32"))]
     specs += [_gemv_spec("gemv_splitk_bf16_nested_straddle", "bf16", _GEMV, True, row_scale=False),
               _gemv_spec("gemv_splitk_bf16_nested_odd_k", "bf16", _GEMV_ODD_K, True, paired=False,
                          row_scale=False)]

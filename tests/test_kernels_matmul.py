@@ -339,3 +339,50 @@ def test_large_gemm_compiles_to_wgmma_on_sm90():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("WGMMA") and "NO-WGMMA" not in r.stdout
+
+
+# (M, N, K, r, dtype, lora_s dtype, lora_b dtype): GEMV, split-K GEMM, tiled GEMM; r padded to
+# the r step, and r over several steps.
+LORA_CASES = [
+    (1, 33, 130, 8, torch.bfloat16, torch.float32, torch.bfloat16),
+    (1, 17, 512, 70, torch.float32, torch.float32, torch.float32),     # GEMV split-K
+    (3, 33, 512, 16, torch.bfloat16, torch.bfloat16, torch.bfloat16),  # split-K: added once
+    (17, 17, 97, 40, torch.float16, torch.float32, torch.float16),     # odd K
+    (70, 33, 128, 100, torch.bfloat16, torch.float32, torch.bfloat16), # tiled GEMM, 4 r steps
+    (130, 17, 96, 8, torch.float32, torch.float32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("M,N,K,r,dtype,s_dtype,b_dtype", LORA_CASES)
+def test_lora_epilogue(M, N, K, r, dtype, s_dtype, b_dtype, rng):
+    """y = x W_hat^T + bias + scale * S B^T, the LoRA term added before the single store."""
+    w = Weight(N, K, 64, "nf4", True, rng)
+    x = torch.randn(M, K, generator=rng).to(dtype)
+    bias = torch.randn(N, generator=rng).to(dtype)
+    S = torch.randn(M, r, generator=rng).to(s_dtype)
+    B = (torch.randn(N, r, generator=rng) * 0.3).to(b_dtype)
+    scale = 0.75
+    y = nf4_matmul(x, bias=bias, out=_poisoned((M, N), dtype), lora_s=S, lora_b=B,
+                   lora_scale=scale, **w.args())
+    # As one product: [x, scale * S] @ [W_hat, B]^T.
+    a = torch.cat([x.double(), scale * S.double()], dim=1)
+    b = torch.cat([w.w_hat.double(), B.double()], dim=1)
+    assert_matmul_close(y, a, b.T, bias, dtype=dtype, what="y + LoRA")
+
+
+def test_lora_arguments(rng):
+    w = Weight(5, 64, 64, "nf4", False, rng)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError):
+        nf4_matmul(x, lora_s=torch.zeros(2, 4), **w.args())
+    with pytest.raises(ValueError):
+        nf4_matmul(x, lora_s=torch.zeros(2, 4), lora_b=torch.zeros(5, 3), **w.args())
+    with pytest.raises(ValueError):
+        nf4_matmul(x, lora_s=torch.zeros(3, 4), lora_b=torch.zeros(5, 4), **w.args())
+    # r = 0 and K = 0 are handled.
+    y = nf4_matmul(x, lora_s=torch.zeros(2, 0), lora_b=torch.zeros(5, 0), **w.args())
+    assert_matmul_close(y, x, w.w_hat.T, what="r = 0")
+    kzero = dict(w.args(), K=0, packed=torch.zeros(0, dtype=torch.uint8), absmax=torch.zeros(0))
+    S, B = torch.randn(2, 3, generator=rng), torch.randn(5, 3, generator=rng)
+    y = nf4_matmul(torch.ones(2, 0), lora_s=S, lora_b=B, lora_scale=2.0, **kzero)
+    torch.testing.assert_close(y, 2.0 * S @ B.T)
