@@ -8,10 +8,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	# The CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
