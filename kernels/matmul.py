@@ -417,7 +417,7 @@ _TABLES = {
                             (64, _Config(64, 64, 64, 1, 4, 3))),
                            _Config(128, 32, 64, 8, 8, 4), _Config(256, 32, 64, 8, 8, 3)),
     # fp32 activations, even K: 3xTF32 dots and fp32 weight tiles in shared memory.
-    ("fwd", "fp32"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
+    ("fwd", "fp32"): _Table(((16, _Config(16, 64, 32, 1, 4, 4)),
                              (64, _Config(64, 64, 32, 1, 4, 4))),
                             _Config(128, 64, 32, 8, 8, 3)),
     ("dx", "fp32"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
