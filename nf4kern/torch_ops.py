@@ -69,14 +69,15 @@ def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
     return bounds, codes
 
 
-def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor) -> torch.Tensor:
-    """uint8 code of each scaled value (s in [-1, 1] up to rounding, finite)."""
+def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the uint8 code of each scaled value into out (s finite, in [-1, 1] up to rounding)."""
     shift, lower, upper, threshold = _cell_tables(quant_type)
     cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift)
     above = s > threshold.index_select(0, cell)
     if quant_type == "nf4":  # adjacent codes: upper == lower + 1
-        return lower.index_select(0, cell).add_(above)
-    return torch.where(above, upper.index_select(0, cell), lower.index_select(0, cell))
+        torch.add(lower.index_select(0, cell), above, out=out)
+    else:
+        torch.where(above, upper.index_select(0, cell), lower.index_select(0, cell), out=out)
 
 
 def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,26 +97,29 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
         amax = absmax[start // blocksize : start // blocksize + xf.shape[0]]
         torch.maximum(hi, lo.neg_(), out=amax)
         recip = amax.clamp_min(_TINY_ABSMAX).reciprocal_()
-        # Into a scratch buffer: xf may be a view of the caller's tensor.
-        s = torch.mul(xf, recip[:, None], out=scaled[: xf.numel()].view_as(xf))
-        s = s.view(-1).clamp_(-1.0, 1.0)
-        nonfinite = s.isnan()
-        if nonfinite.any():  # only reachable with allow_nonfinite: NaN takes the code of +1
-            s = s.masked_fill(nonfinite, 1.0)
-        codes[start : start + s.numel()] = _codes(s, quant_type, scratch[: s.numel()])
-        if nonfinite.any():
-            codes[start : start + s.numel()].masked_fill_(nonfinite, top)
+        # Into a scratch buffer: xf may be a view of the caller's tensor. No clamp to [-1, 1]:
+        # |s| exceeds 1 by at most a rounding, and the cell tables give such s the end codes.
+        s = torch.mul(xf, recip[:, None], out=scaled[: xf.numel()].view_as(xf)).view(-1)
+        out = codes[start : start + s.numel()]
+        if bool(torch.isfinite(amax).all()):
+            _codes(s, quant_type, scratch[: s.numel()], out)
+        else:  # only with allow_nonfinite: NaN takes the code of +1, as after a clamp
+            nan = s.isnan()
+            _codes(s.clamp(-1.0, 1.0).masked_fill_(nan, 1.0), quant_type, scratch[: s.numel()], out)
+            out.masked_fill_(nan, top)
     return _pack(codes[:n], cb.zero_code(quant_type)), absmax
 
 
 def _padded_float_chunk(flat: torch.Tensor, start: int, stop: int, blocksize: int) -> torch.Tensor:
-    """float32 copy (or view, for float32 input) of flat[start:stop], zero-padded to whole blocks."""
+    """float32 flat[start:stop] zero-padded to whole blocks (a view for float32 input when no
+    padding is needed: callers must not write to it)."""
     length = -(-(stop - start) // blocksize) * blocksize
     chunk = flat[start:stop]
-    if length == stop - start and chunk.dtype == torch.float32:
-        return chunk
-    out = torch.zeros(length, dtype=torch.float32)
+    if length == stop - start:
+        return chunk.float()
+    out = torch.empty(length, dtype=torch.float32)
     out[: stop - start] = chunk
+    out[stop - start :] = 0.0
     return out
 
 
