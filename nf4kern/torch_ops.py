@@ -131,9 +131,23 @@ def _pack(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_midpoints() -> torch.Tensor:
+def _dynamic_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested-code tables indexed by the top 16 bits of a float32 s (a bf16-wide cell): the
+    code at the bottom of the cell and the one midpoint of the dynamic map the cell can hold.
+    The map's midpoints are log-spaced, at least 1.4% apart, wider than any cell (0.8%)."""
     dyn = cb.dynamic_map()
-    return torch.from_numpy((dyn[:-1] + dyn[1:]) / np.float32(2.0))
+    mids = ((dyn[:-1] + dyn[1:]) / np.float32(2.0)).astype(np.float64)
+    prefix = np.arange(1 << 16, dtype=np.uint32) << 16
+    with np.errstate(invalid="ignore"):
+        ends = np.stack([prefix, prefix | np.uint32(0xFFFF)]).view(np.float32).astype(np.float64)
+    lo, hi = np.fmin(ends[0], ends[1]), np.fmax(ends[0], ends[1])  # negative cells run downwards
+    first = np.searchsorted(mids, lo, side="left")
+    if np.any(np.searchsorted(mids, hi, side="right") - first > 1):
+        raise AssertionError("a cell holds two dynamic-map midpoints")
+    threshold = np.append(mids, np.inf)[first].astype(np.float32)
+    nan = np.isnan(lo)
+    first[nan], threshold[nan] = 255, np.inf  # NaN takes the top code, as a bucketize does
+    return torch.from_numpy(first.astype(np.uint8)), torch.from_numpy(threshold)
 
 
 def quantize_nested(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +158,11 @@ def quantize_nested(absmax: torch.Tensor, offset: torch.Tensor) -> tuple[torch.T
     blocks[: centred.numel()] = centred
     blocks = blocks.view(nblocks, cb.NESTED_BLOCKSIZE)
     nested = blocks.abs().amax(dim=1)
-    codes = torch.bucketize(blocks * nested.reciprocal()[:, None], _dynamic_midpoints()).to(torch.uint8)
+    scaled = (blocks * nested.reciprocal()[:, None]).view(-1)
+    lower, threshold = _dynamic_tables()
+    cell = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
+    codes = lower.index_select(0, cell).add_(scaled > threshold.index_select(0, cell))
+    codes = codes.view(nblocks, cb.NESTED_BLOCKSIZE)
     # A block of absmax all equal to the offset (nested absmax 0, scaled values NaN) stores
     # code 0, as bitsandbytes does; any code decodes to the offset.
     codes[nested == 0] = 0

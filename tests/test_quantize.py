@@ -130,3 +130,18 @@ def test_allow_nonfinite_decodes_bad_blocks_to_nan(rng):
     out = nf4kern.dequantize_4bit(packed, state)
     assert torch.isnan(out[0]).all() and torch.equal(out[2], reference.dequantize(ref, 192, 64, "nf4", torch.float32)[128:])
     assert_bytes_equal(x, before, "input")
+
+
+def test_nested_codes_at_every_dynamic_map_midpoint():
+    # Offset 0 and a nested absmax of 1 make the scaled value equal the input: put one exactly
+    # at every midpoint of the dynamic map and at its float32 neighbours, plus the ends.
+    from nf4kern import torch_ops
+
+    dyn = cb.dynamic_map()
+    mids = (dyn[:-1] + dyn[1:]) / np.float32(2.0)
+    values = np.concatenate([mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)), dyn, [1.0, -1.0, 0.0]])
+    absmax = torch.from_numpy(values.astype(np.float32))
+    codes, nested = torch_ops.quantize_nested(absmax, torch.tensor(0.0))
+    ref_codes, ref_nested = reference.quantize_nested(absmax.numpy(), np.float32(0.0))
+    assert torch.equal(nested, torch.from_numpy(ref_nested)) and float(nested.max()) == 1.0
+    assert torch.equal(codes, torch.from_numpy(ref_codes))
