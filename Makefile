@@ -24,6 +24,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/quant.py --write-docs
+	$(VPY) bench/matmul.py --write-docs
+	$(VPY) bench/lora.py --write-docs
 
 compile-gate: $(STAMP)
 	$(VPY) -m nf4kern.compile_gate
