@@ -22,6 +22,7 @@ import torch
 from . import codebook as cb
 
 _CHUNK = 1 << 18  # elements per chunk; a multiple of every blocksize
+_DX_CHUNK_MAX = 1 << 22
 _TINY_ABSMAX = 1e-38
 _ROUNDING_MARGIN = 2.0**-21
 
@@ -212,11 +213,11 @@ def dequantize_range(packed, scales, start, stop, blocksize, quant_type, buffer)
     return v[: stop - start]
 
 
-def _row_chunks(N: int, K: int, blocksize: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """Row ranges of ~_CHUNK weights, each starting on a block boundary, and a float32 buffer
+def _row_chunks(N: int, K: int, blocksize: int, target: int = _CHUNK) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Row ranges of ~target weights, each starting on a block boundary, and a float32 buffer
     that holds the largest one."""
     step = blocksize // math.gcd(K, blocksize)  # rows between block-aligned row starts
-    rows = min(N, max(step, (_CHUNK // K) // step * step))
+    rows = min(N, max(step, (target // K) // step * step))
     buffer = torch.empty(-(-rows * K // blocksize) * blocksize, dtype=torch.float32)
     return [(r0, min(r0 + rows, N)) for r0 in range(0, N, rows)], buffer
 
@@ -259,7 +260,9 @@ def matmul_dx(dy, packed, N, K, blocksize, quant_type, scales) -> torch.Tensor:
     compute = _compute_dtype(dy.dtype)
     dyc = dy.to(compute)
     dx = torch.zeros(dy.shape[0], K, dtype=torch.float32)
-    chunks, buffer = _row_chunks(N, K, blocksize)
+    # Every chunk adds an M x K product into dx: for large M fewer, larger chunks (up to 4M
+    # weights, still a fraction of a large weight) keep those additions small next to the GEMM.
+    chunks, buffer = _row_chunks(N, K, blocksize, min(max(_CHUNK, dy.shape[0] * K), _DX_CHUNK_MAX))
     for r0, r1 in chunks:
         w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
         if compute == torch.float32:
