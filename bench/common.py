@@ -21,8 +21,10 @@ HEADER = (
 )
 
 
-def time_ms(fn, warmup: int = 2, repeat: int = 7) -> float:
-    """Median wall time of fn() in milliseconds (CUDA: synchronised around each call)."""
+def time_ms(fn, warmup: int = 5, repeat: int = 7) -> float:
+    """Median wall time of fn() in milliseconds after warm-up calls (which also let the
+    allocator settle: the first large allocations of a process are page-faulted in), CUDA
+    synchronised around each call."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
