@@ -313,3 +313,12 @@ class LinearFP4(Linear4bit):
 
     def __init__(self, input_features, output_features, bias=True, compute_dtype=None, compress_statistics=True, quant_storage=torch.uint8, device=None):
         super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device)
+
+
+def __getattr__(name: str):
+    # QLoRALinear lives in nf4kern.qlora (which builds on these classes); served from here too.
+    if name == "QLoRALinear":
+        from .qlora import QLoRALinear
+
+        return QLoRALinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
