@@ -94,11 +94,39 @@ class Params4bit(nn.Parameter):
         moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
         return type(self)(moved, self.requires_grad, **{a: getattr(self, a) for a in _ATTRS if a != "module"})
 
+    # Module.half()/.float()/.bfloat16()/.double() call these on every floating parameter:
+    # packed bytes in a float quant_storage must not be value-cast.
+    def half(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().half(*args, **kwargs)
+
+    def float(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().float(*args, **kwargs)
+
+    def bfloat16(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().bfloat16(*args, **kwargs)
+
+    def double(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().double(*args, **kwargs)
+
     def cuda(self, device=None, non_blocking=False):
         return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
 
     def cpu(self):
         return self.to(device="cpu")
+
+    # Module.half()/float()/... call these on every floating parameter: once quantized, a float
+    # quant_storage holds packed bytes, so they go through to(), which never value-casts them.
+    def half(self, memory_format=torch.preserve_format):
+        return self.to(torch.float16)
+
+    def bfloat16(self, memory_format=torch.preserve_format):
+        return self.to(torch.bfloat16)
+
+    def float(self, memory_format=torch.preserve_format):
+        return self.to(torch.float32)
+
+    def double(self, memory_format=torch.preserve_format):
+        return self.to(torch.float64)
 
     def __deepcopy__(self, memo):
         new = type(self)(
@@ -188,13 +216,16 @@ class Linear4bit(nn.Linear):
         linear: nn.Linear,
         blocksize: int = 64,
         double_quant: bool = True,
-        quant_type: str = "nf4",
+        quant_type: str | None = None,
         compute_dtype: torch.dtype | None = None,
         quant_storage: torch.dtype = torch.uint8,
     ) -> "Linear4bit":
-        """A quantized copy of `linear` on its device (the original is left unchanged)."""
+        """A quantized copy of `linear` on its device (the original is left unchanged).
+        quant_type defaults to the class's own (LinearFP4: "fp4"), else "nf4"."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if quant_type is None:
+            quant_type = getattr(cls, "_default_quant_type", "nf4")
         layer = Linear4bit.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -304,12 +335,16 @@ class Linear4bit(nn.Linear):
 class LinearNF4(Linear4bit):
     """Linear4bit with quant_type="nf4"."""
 
+    _default_quant_type = "nf4"
+
     def __init__(self, input_features, output_features, bias=True, compute_dtype=None, compress_statistics=True, quant_storage=torch.uint8, device=None):
         super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics, "nf4", quant_storage, device)
 
 
 class LinearFP4(Linear4bit):
     """Linear4bit with quant_type="fp4"."""
+
+    _default_quant_type = "fp4"
 
     def __init__(self, input_features, output_features, bias=True, compute_dtype=None, compress_statistics=True, quant_storage=torch.uint8, device=None):
         super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics, "fp4", quant_storage, device)
