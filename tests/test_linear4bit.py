@@ -114,3 +114,16 @@ def test_quantize_on_first_move_and_rebuild(rng):
     pieces = torch.chunk(layer.weight, 2)
     assert all(type(p) is Params4bit and p.quant_state is layer.weight.quant_state for p in pieces)
     assert "quant_type=nf4" in repr(layer) and "blocksize=64" in repr(layer)
+
+
+def test_nothing_activation_sized_is_saved_for_backward(rng):
+    _, layer = _pair(rng)
+    x = torch.randn(97, 128, generator=rng, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert saved, "the hook must see what autograd keeps"
+    assert all(97 not in t.shape for t in saved), [tuple(t.shape) for t in saved]
+    assert sum(t.numel() * t.element_size() for t in saved) < 128 * 40  # ~the packed weight + scales
+    y.sum().backward()
+    assert x.grad.shape == x.shape
