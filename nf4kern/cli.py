@@ -1,10 +1,18 @@
 """The nf4kern command line.
 
     nf4kern demo [--size N]     quantization report on built-in example weights
+    nf4kern quantize IN OUT     a float safetensors checkpoint -> bitsandbytes' 4-bit layout
+    nf4kern inspect FILE        per-tensor quantization error of a checkpoint
+
+Expected failures (missing or corrupt files, wrong formats, unwritable outputs, bad options)
+end with one line `nf4kern: error: ...` on stderr and a non-zero exit status.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
 import time
 
@@ -86,15 +94,244 @@ def _compare_with_bitsandbytes(w: torch.Tensor) -> None:
     )
 
 
+def _fmt_db(x: float) -> str:
+    return f"{x:8.2f}" if math.isfinite(x) else f"{x:>8}"
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def quantize(args) -> int:
+    from . import convert
+
+    opts = _options(args)
+    summary = convert.quantize_checkpoint(args.input, args.output, opts, progress=False if args.no_progress else None)
+    src = summary.source
+    print(f"nf4kern quantize: {src.path} -> {summary.out}")
+    print(f"  format: {opts.describe()}, compute dtype {opts.compute_dtype}")
+    shards = f" in {len(src.shards)} shards" if len(src.shards) > 1 else ""
+    print(f"  tensors: {len(summary.quantized)} quantized, {summary.copied} copied unchanged{shards}")
+    ratio = summary.bytes_out / summary.bytes_in if summary.bytes_in else 0.0
+    print(f"  size: {convert.human_bytes(summary.bytes_in)} -> {convert.human_bytes(summary.bytes_out)} ({ratio:.1%}; "
+          f"{summary.bytes_in} -> {summary.bytes_out} bytes)")
+    if src.folder:
+        config = "config.json: quantization_config added" if summary.config_written else "no config.json to update"
+        print(f"  {config}; other files copied: {', '.join(summary.other_files) or 'none'}")
+        if summary.ignored_files:
+            print(f"  not copied (other weight formats or folders): {', '.join(summary.ignored_files)}")
+    if not summary.quantized:
+        print("  no eligible tensors (floating 2-D '.weight' not matching --skip): nothing was quantized")
+        return 0
+    params = sum(math.prod(t.shape) for t in summary.quantized)
+    stored = sum(t.stored_bytes for t in summary.quantized)
+    print(f"  quantized: {params} parameters, {8 * stored / params:.3f} bits/param as stored "
+          "(codes + absmax + nested absmax + maps + state)")
+    width = max(len(t.name) for t in summary.quantized)
+    print(f"\n  {'tensor':{width}} {'shape':>14} {'dtype':>5} {'SQNR dB':>8}")
+    for t in summary.quantized:
+        print(f"  {t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5} {_fmt_db(t.stats.sqnr_db)}")
+    print(f"\n  SQNR dB: {_sqnr_summary(summary.quantized)}")
+    return 0
+
+
+def _sqnr_summary(reports) -> str:
+    """min (name) and mean SQNR; tensors reproduced exactly (infinite SQNR) are counted apart."""
+    finite = [t for t in reports if math.isfinite(t.stats.sqnr_db)]
+    exact = len(reports) - len(finite)
+    if not finite:
+        return f"all {exact} tensors reproduced exactly (no error)"
+    worst = min(finite, key=lambda t: t.stats.sqnr_db)
+    mean = sum(t.stats.sqnr_db for t in finite) / len(finite)
+    extra = f"; {exact} tensor(s) reproduced exactly, not in the mean" if exact else ""
+    return f"min {worst.stats.sqnr_db:.2f} ({worst.name}), mean {mean:.2f}{extra}"
+
+
+def inspect(args) -> int:
+    from . import convert
+
+    opts = _options(args)
+    if args.top is not None and args.top < 1:
+        raise convert.ConvertError(f"--top must be a positive number, got {args.top}")
+    if args.plot:
+        try:
+            import matplotlib
+        except ImportError:
+            raise convert.ConvertError("--plot needs matplotlib (pip install matplotlib)") from None
+        matplotlib.use("Agg")
+        if os.path.isdir(args.plot) or not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise convert.ConvertError(f"cannot write the plot to {args.plot}: not a file in an existing folder")
+    report = convert.inspect_checkpoint(args.file, opts, bins=80 if args.plot else 0, progress=False if args.no_progress else None)
+    print(f"nf4kern inspect: {report.source.path} ({opts.describe()})")
+    rows = report.errors
+    if args.top is not None:
+        rows = sorted(rows, key=lambda t: t.stats.sqnr_db)[: args.top]
+    if rows:
+        title = f"lowest SQNR first, top {len(rows)} of {len(report.errors)}" if args.top is not None else "in file order"
+        print(f"quantization error of the float tensors ({title}); rel err = mean |err| / mean |w|; "
+              "outliers = |w| > 6 std")
+        width = max(len(t.name) for t in rows)
+        print(f"{'tensor':{width}} {'shape':>14} {'dtype':>5} {'SQNR dB':>8} {'max |err|':>10} {'mean |err|':>10} "
+              f"{'rel err':>8} {'outliers':>8} {'bits/param':>10}")
+        for t in rows:
+            s = t.stats
+            print(f"{t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5} {_fmt_db(s.sqnr_db)} {s.max_abs:10.3e} "
+                  f"{s.mean_abs:10.3e} {s.rel:8.4f} {s.outliers:8d} {8 * t.stored_bytes / math.prod(t.shape):10.3f}")
+        print(f"summary: {len(report.errors)} tensors, SQNR dB {_sqnr_summary(report.errors)}; "
+              f"outliers {sum(t.stats.outliers for t in report.errors)}")
+    if report.quantized:
+        print(f"already quantized (bitsandbytes layout): {len(report.quantized)} tensors")
+        width = max(len(q.name) for q in report.quantized)
+        print(f"{'tensor':{width}} {'shape':>14} {'type':>4} {'block':>5} {'DQ':>3} {'storage':>8} {'bits/param':>10}")
+        for q in report.quantized:
+            if q.problem:
+                print(f"{q.name:{width}} invalid quantization state: {q.problem}")
+                continue
+            print(f"{q.name:{width}} {_shape(q.shape):>14} {q.quant_type:>4} {q.blocksize:5d} "
+                  f"{'on' if q.nested else 'off':>3} {q.storage:>8} {q.bits_per_param:10.3f}")
+    if not rows and not report.quantized:
+        print("no eligible tensors (floating 2-D '.weight' not matching --skip) and no quantized ones")
+    print(f"not inspected: {report.not_eligible} tensors (not 2-D floating '.weight', or matching --skip)")
+    if args.plot:
+        if not rows:
+            raise convert.ConvertError("--plot: no float tensors were quantized, nothing to plot")
+        _plot(rows, args.plot)
+        print(f"error histograms written to {args.plot}")
+    return 0
+
+
+def _plot(rows, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = rows[:12]
+    cols = min(3, len(rows))
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, t in zip(axes.flat, rows):
+        counts, lo, hi = t.stats.hist
+        width = (hi - lo) / len(counts)
+        centers = [lo + (i + 0.5) * width for i in range(len(counts))]
+        ax.bar(centers, counts, width=width, color="tab:blue", log=True)
+        ax.set_title(f"{t.name[-45:]}\nSQNR {t.stats.sqnr_db:.1f} dB", fontsize=8)
+        ax.set_xlabel("(w - w_hat) / std(w)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _options(args):
+    from . import convert
+
+    return convert.QuantOptions(
+        blocksize=args.blocksize,
+        quant_type=args.quant_type,
+        double_quant=not args.no_double_quant,
+        quant_storage=args.quant_storage,
+        compute_dtype=getattr(args, "compute_dtype", "bfloat16"),
+        skip=args.skip,
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of the other failures."""
+
+    def error(self, message: str):
+        self.exit(2, f"nf4kern: error: {message} (see '{self.prog} --help')\n")
+
+
+def _quant_arguments(p: argparse.ArgumentParser, compute_dtype: bool) -> None:
+    from .convert import DEFAULT_SKIP
+
+    p.add_argument("--blocksize", type=int, default=64, choices=cb.BLOCKSIZES, metavar="N",
+                   help=f"elements per absmax block, one of {', '.join(map(str, cb.BLOCKSIZES))} (default 64)")
+    p.add_argument("--quant-type", choices=cb.QUANT_TYPES, default="nf4", help="4-bit format (default nf4)")
+    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32 (default: 8-bit nested absmax)")
+    p.add_argument("--quant-storage", choices=("uint8", "float16", "bfloat16", "float32"), default="uint8",
+                   help="dtype the packed bytes are stored as (bnb_4bit_quant_storage; default uint8)")
+    if compute_dtype:
+        p.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                       help="bnb_4bit_compute_dtype written to config.json (default bfloat16)")
+    p.add_argument("--skip", default=DEFAULT_SKIP, metavar="REGEX",
+                   help="tensors whose name matches are not quantized (default: embeddings, lm_head, norms)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nf4kern", description="NF4/FP4 quantization, bit-exact with bitsandbytes")
+    parser = _Parser(prog="nf4kern", description="NF4/FP4 quantization, bit-exact with bitsandbytes")
     commands = parser.add_subparsers(dest="command", required=True)
     p_demo = commands.add_parser("demo", help="quantization report on built-in example weights")
     p_demo.add_argument("--size", type=int, default=1024, help="side of the square example weights")
+    p_quant = commands.add_parser(
+        "quantize", help="quantize a float safetensors checkpoint to bitsandbytes' 4-bit layout",
+        description="Quantize every eligible weight (floating, 2-D, named '*.weight', not matching --skip) of a "
+        "safetensors file or a Hugging Face folder (model.safetensors or sharded with an index) to 4 bits with "
+        "bitsandbytes' keys; other tensors are copied unchanged. A folder gets config.json's quantization_config.",
+    )
+    p_quant.add_argument("input", metavar="IN", help="a .safetensors file or a Hugging Face model folder")
+    p_quant.add_argument("output", metavar="OUT", help="output file (for a file IN) or folder (for a folder IN)")
+    _quant_arguments(p_quant, compute_dtype=True)
+    p_insp = commands.add_parser("inspect", help="per-tensor quantization error of a checkpoint")
+    p_insp.add_argument("file", metavar="FILE", help="a .safetensors file or a Hugging Face model folder")
+    _quant_arguments(p_insp, compute_dtype=False)
+    p_insp.add_argument("--plot", metavar="OUT.png", help="write error histograms to a PNG (needs matplotlib)")
+    p_insp.add_argument("--top", type=int, metavar="N", help="only the N tensors with the lowest SQNR")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.size)
-    return 2
+    return _run(quantize if args.command == "quantize" else inspect, args)
+
+
+def _run(command, args) -> int:
+    """Run a file command; expected failures become one line on stderr (NF4KERN_DEBUG=1: raise)."""
+    from .convert import ConvertError
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _terminate)  # cleanup runs on kill as on Ctrl-C
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return command(args)
+    except ConvertError as e:
+        return _fail(str(e), e)
+    except OSError as e:
+        return _fail(_os_error(e), e)
+    except KeyboardInterrupt as e:
+        return _fail("interrupted; no output was written", e, status=130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, exc: BaseException, status: int = 1) -> int:
+    if os.environ.get("NF4KERN_DEBUG"):
+        raise exc
+    sys.stdout.flush()
+    sys.stderr.write(f"nf4kern: error: {' '.join(message.split())}\n")
+    return status
+
+
+def _os_error(e: OSError) -> str:
+    reason = e.strerror or str(e)
+    if e.errno == 28:
+        reason = "no space left on device"
+    if e.filename is not None:
+        target = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{target}: {reason}"
+    return reason
 
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""`nf4kern quantize` and `nf4kern inspect`, run as the command on real files."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nf4kern
+from nf4kern.checkpoint import quantized_entries
+from tests.helpers import TINY_LLAMA, assert_bytes_equal, require_fixture
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def run(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("NF4KERN_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "nf4kern.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def sqnr(w, w_hat):
+    w, w_hat = w.double(), w_hat.double()
+    return 10 * math.log10(float(w.square().mean() / (w - w_hat).square().mean()))
+
+
+def layer_tensors(seed, prefix="model.layers.0."):
+    g = torch.Generator().manual_seed(seed)
+    bf16 = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    return {
+        prefix + "self_attn.q_proj.weight": bf16(96, 64),
+        prefix + "self_attn.q_proj.bias": bf16(96),
+        prefix + "mlp.up_proj.weight": (torch.randn(128, 64, generator=g) * 0.02).to(torch.float16),
+        prefix + "input_layernorm.weight": torch.ones(64, dtype=torch.bfloat16),
+        prefix + "rotary.inv_freq": torch.arange(8, dtype=torch.float32),
+        prefix + "mlp.gate_proj.weight": torch.randn(64, 32, generator=g),
+    }
+
+
+def check_quantized(out: dict, original: dict, quantized: set, min_sqnr=15.0, nested=True):
+    entries = quantized_entries(out)
+    assert set(entries) == quantized
+    for name, (packed, state) in entries.items():
+        keys = [f"{name}.{s}" for s in SUFFIXES if nested or "nested" not in s]
+        assert all(k in out for k in keys), keys
+        assert state.shape == original[name].shape and state.dtype == original[name].dtype
+        assert sqnr(original[name], nf4kern.dequantize_4bit(packed, state)) > min_sqnr
+    for name, t in original.items():
+        if name not in quantized:
+            assert out[name].dtype == t.dtype and torch.equal(out[name], t), name
+
+
+def test_quantize_file(tmp_path):
+    tensors = {"embed_tokens.weight": torch.randn(50, 64).to(torch.bfloat16), "lm_head.weight": torch.randn(50, 64),
+               **layer_tensors(0)}
+    safetensors_torch.save_file(tensors, tmp_path / "in.safetensors")
+    proc = run("quantize", tmp_path / "in.safetensors", tmp_path / "out.safetensors")
+    quantized = {k for k in tensors if k.startswith("model.") and k.endswith("proj.weight")}
+    out = safetensors_torch.load_file(tmp_path / "out.safetensors")
+    check_quantized(out, tensors, quantized)
+    assert "3 quantized, 5 copied" in proc.stdout and "bits/param" in proc.stdout and "SQNR dB: min" in proc.stdout
+    # Our writer's header: 8-byte length, JSON padded to a multiple of 8, metadata format pt.
+    raw = (tmp_path / "out.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0 and json.loads(raw[8 : 8 + n])["__metadata__"] == {"format": "pt"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]  # no temporaries
+
+    # The entries bitsandbytes makes of the same tensor, byte for byte.
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    bpacked, bstate = bnb_functional.quantize_4bit(tensors[name], blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = {name: bpacked, **{f"{name}.{k}": v for k, v in bstate.as_dict(packed=True).items()}}
+    assert {k for k in out if k.startswith(name)} == set(theirs)
+    for key in theirs:
+        if key != f"{name}.absmax":
+            assert_bytes_equal(out[key], theirs[key], key)
+    # bitsandbytes' CPU nested quantizer uses a lookup table: codes may be one step off ours.
+    assert (out[f"{name}.absmax"].int() - theirs[f"{name}.absmax"].int()).abs().max() <= 1
+
+
+def test_quantize_options_and_skip(tmp_path):
+    tensors = layer_tensors(1)
+    safetensors_torch.save_file(tensors, tmp_path / "in.safetensors")
+    run("quantize", tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--quant-type", "fp4", "--blocksize", "128",
+        "--no-double-quant", "--quant-storage", "bfloat16", "--skip", "gate_proj")
+    out = safetensors_torch.load_file(tmp_path / "out.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert out[name].dtype == torch.bfloat16 and out[name].shape == (96 * 64 // 4, 1)
+    assert f"{name}.quant_state.bitsandbytes__fp4" in out and f"{name}.nested_absmax" not in out
+    assert out[f"{name}.absmax"].dtype == torch.float32
+    state = quantized_entries(out)[name][1]
+    assert (state.quant_type, state.blocksize, state.nested) == ("fp4", 128, False)
+    assert torch.equal(out["model.layers.0.mlp.gate_proj.weight"], tensors["model.layers.0.mlp.gate_proj.weight"])
+    assert set(quantized_entries(out)) == {name, "model.layers.0.mlp.up_proj.weight"}
+
+
+def make_sharded(folder: Path) -> dict:
+    folder.mkdir()
+    shards = {"model-00001-of-00002.safetensors": layer_tensors(2, "model.layers.0."),
+              "model-00002-of-00002.safetensors": {**layer_tensors(3, "model.layers.1."),
+                                                   "lm_head.weight": torch.randn(40, 64).to(torch.bfloat16)}}
+    weight_map = {}
+    for shard, tensors in shards.items():
+        safetensors_torch.save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not copied")
+    return shards
+
+
+def test_quantize_sharded_folder(tmp_path):
+    shards = make_sharded(tmp_path / "in")
+    proc = run("quantize", tmp_path / "in", tmp_path / "out", "--compute-dtype", "float16")
+    assert "in 2 shards" in proc.stdout
+    out_dir = tmp_path / "out"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*shards, "model.safetensors.index.json", "config.json",
+                                                               "tokenizer.json"])
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    total = 0
+    for shard, tensors in shards.items():
+        out = safetensors_torch.load_file(out_dir / shard)
+        check_quantized(out, tensors, {k for k in tensors if k.endswith("proj.weight")})
+        assert all(index["weight_map"][k] == shard for k in out)
+        total += sum(t.numel() * t.element_size() for t in out.values())
+    assert len(index["weight_map"]) == sum(len(safetensors_torch.load_file(out_dir / s)) for s in shards)
+    assert index["metadata"]["total_size"] == total
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["hidden_size"] == 64
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
+    assert qc["bnb_4bit_use_double_quant"] and qc["bnb_4bit_compute_dtype"] == "float16"
+    assert qc["bnb_4bit_quant_storage"] == "uint8" and qc["llm_int8_skip_modules"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+    # A --skip that holds back Linear weights lists every unquantized module (the list replaces
+    # transformers' defaults, so lm_head is on it too).
+    from nf4kern import cli
+
+    assert cli.main(["quantize", str(tmp_path / "in"), str(tmp_path / "out2"), "--skip", "up_proj|lm_head"]) == 0
+    qc = json.loads((tmp_path / "out2" / "config.json").read_text())["quantization_config"]
+    assert qc["llm_int8_skip_modules"] == ["lm_head", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+
+
+def float_tiny_llama(folder: Path, fixture: Path) -> None:
+    """The fixture's model as a bf16 checkpoint: its dequantized weights and its float tensors."""
+    folder.mkdir()
+    saved = safetensors_torch.load_file(fixture / "model.safetensors")
+    reference = safetensors_torch.load_file(fixture / "reference.safetensors")
+    tensors = {k: v for k, v in saved.items() if v.dtype == torch.bfloat16}
+    tensors.update({k.replace(".dequantized", ".weight"): v for k, v in reference.items() if k.endswith(".dequantized")})
+    safetensors_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fixture / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_bytes((fixture / "generation_config.json").read_bytes())
+
+
+def test_tiny_llama_round_trip(tmp_path):
+    """Re-quantizing the fixture's dequantized weights reproduces the checkpoint transformers and
+    bitsandbytes saved: same keys, config and float tensors, byte-identical 4-bit codes."""
+    fixture = require_fixture(TINY_LLAMA)
+    float_tiny_llama(tmp_path / "float", fixture)
+    run("quantize", tmp_path / "float", tmp_path / "q")
+    ours = safetensors_torch.load_file(tmp_path / "q" / "model.safetensors")
+    theirs = safetensors_torch.load_file(fixture / "model.safetensors")
+    assert json.loads((tmp_path / "q" / "config.json").read_text()) == json.loads((fixture / "config.json").read_text())
+    assert set(ours) == set(theirs)
+    for key, t in theirs.items():
+        if ".quant_state." in key:  # JSON; the mean of the absmax (nested_offset) moves a little
+            mine, saved = (json.loads(bytes(x.tolist())) for x in (ours[key], t))
+            assert math.isclose(mine.pop("nested_offset"), saved.pop("nested_offset"), rel_tol=1e-3) and mine == saved
+            continue
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape, key
+        if key.endswith((".weight", "quant_map")):
+            assert_bytes_equal(ours[key], t, key)  # packed codes, float tensors and tables
+        elif key.endswith(".absmax"):
+            # The float absmax re-derived from bf16-rounded weights differs slightly from the original
+            # (and the fixture was saved by bitsandbytes' CPU nested quantizer, a lookup table): the
+            # 8-bit codes stay within two steps; bitsandbytes re-quantizing these weights does the same.
+            assert (ours[key].int() - t.int()).abs().max() <= 2, key
+    reference = safetensors_torch.load_file(fixture / "reference.safetensors")
+    for name, (packed, state) in quantized_entries(ours).items():
+        expected = reference[name.removesuffix(".weight") + ".dequantized"]
+        assert sqnr(expected, nf4kern.dequantize_4bit(packed, state)) > 50, name
+
+    # transformers loads it with bitsandbytes on the CPU (pre-quantized: Params4bit.from_prequantized).
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    import bitsandbytes as bnb
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(linears) == 14 and getattr(model, "is_loaded_in_4bit", False)
+    for name, module in linears.items():
+        assert_bytes_equal(module.weight.data, theirs[name + ".weight"], name)
+        state = nf4kern.QuantState.from_dict(module.weight.quant_state.as_dict(packed=True))
+        assert torch.equal(nf4kern.dequantize_4bit(module.weight.data, state),
+                           nf4kern.dequantize_4bit(*quantized_entries(ours)[name + ".weight"]))
+    assert torch.equal(model.lm_head.weight, theirs["lm_head.weight"])
+
+
+def test_inspect_float_and_quantized(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tensors = layer_tensors(4)
+    tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = 1.0  # one outlier
+    safetensors_torch.save_file(tensors, tmp_path / "in.safetensors")
+    proc = run("inspect", tmp_path / "in.safetensors", "--plot", tmp_path / "err.png", "--top", "2")
+    lines = proc.stdout.splitlines()
+    assert "top 2 of 3" in proc.stdout and "SQNR dB" in proc.stdout
+    rows = [line.split() for line in lines if line.startswith("model.")]
+    assert len(rows) == 2 and float(rows[0][3]) <= float(rows[1][3])  # lowest SQNR first
+    assert rows[0][0] == "model.layers.0.self_attn.q_proj.weight" and rows[0][-2] == "1"  # the outlier
+    assert all(float(r[3]) > 10 for r in rows)
+    assert (tmp_path / "err.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "summary: 3 tensors" in proc.stdout
+
+    from nf4kern import cli
+
+    assert cli.main(["quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "q.safetensors"), "--no-double-quant"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "q.safetensors")]) == 0
+    stdout = capsys.readouterr().out
+    assert "already quantized (bitsandbytes layout): 3 tensors" in stdout
+    row = next(line.split() for line in stdout.splitlines() if line.startswith("model.layers.0.mlp.up_proj.weight"))
+    # 4 bits + 32/64 for the absmax + the maps and state of a small tensor
+    assert row[2:6] == ["nf4", "64", "off", "uint8"] and 4.5 < float(row[6]) < 4.7
+
+
+def _error_cases(tmp_path: Path):
+    good = tmp_path / "good.safetensors"
+    safetensors_torch.save_file(layer_tensors(6), good)
+    (tmp_path / "random.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-100])
+    (tmp_path / "empty_dir").mkdir()
+    nan = layer_tensors(7)
+    nan["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    safetensors_torch.save_file(nan, tmp_path / "nan.safetensors")
+    return {
+        "missing": ["quantize", tmp_path / "missing.safetensors", tmp_path / "o.safetensors"],
+        "random bytes": ["quantize", tmp_path / "random.safetensors", tmp_path / "o.safetensors"],
+        "text file": ["quantize", tmp_path / "notes.txt", tmp_path / "o.safetensors"],
+        "truncated": ["quantize", tmp_path / "truncated.safetensors", tmp_path / "o.safetensors"],
+        "folder without model": ["quantize", tmp_path / "empty_dir", tmp_path / "o"],
+        "file as a folder": ["quantize", good, tmp_path / "afile" / "o.safetensors"],
+        "missing parent": ["quantize", good, tmp_path / "nowhere" / "o.safetensors"],
+        "bad blocksize": ["quantize", good, tmp_path / "o.safetensors", "--blocksize", "100"],
+        "bad quant type": ["quantize", good, tmp_path / "o.safetensors", "--quant-type", "int4"],
+        "bad regex": ["quantize", good, tmp_path / "o.safetensors", "--skip", "("],
+        "nan weight": ["quantize", tmp_path / "nan.safetensors", tmp_path / "o.safetensors"],
+        "inspect random bytes": ["inspect", tmp_path / "random.safetensors"],
+        "inspect bad top": ["inspect", good, "--top", "0"],
+    }
+
+
+# Run as the command; the other cases run through cli.main in this process (a subprocess each
+# would cost two seconds of imports).
+SUBPROCESS_CASES = ["random bytes", "file as a folder", "bad blocksize"]
+
+
+def _assert_clean_failure(returncode, stderr: str, before: set, folder: Path):
+    assert returncode != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nf4kern: error:"), stderr
+    assert "Traceback" not in stderr
+    assert {p.name for p in folder.iterdir()} == before  # no OUT, no temporaries
+
+
+def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    from nf4kern import cli
+
+    monkeypatch.delenv("NF4KERN_DEBUG", raising=False)
+    cases = _error_cases(tmp_path)
+    before = {p.name for p in tmp_path.iterdir()}
+    messages = {}
+    for case, args in cases.items():
+        if case in SUBPROCESS_CASES:
+            proc = run(*args, check=False)
+            returncode, stderr = proc.returncode, proc.stderr
+        else:
+            capsys.readouterr()
+            try:
+                returncode = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse
+                returncode = e.code
+            stderr = capsys.readouterr().err
+        _assert_clean_failure(returncode, stderr, before, tmp_path)
+        messages[case] = stderr
+    assert "nan" in messages["nan weight"].lower() and "truncated" in messages["truncated"]
+    assert "not a safetensors file" in messages["random bytes"] and "not a safetensors file" in messages["text file"]
+    assert "--blocksize" in messages["bad blocksize"] and "no such file" in messages["missing"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path):
+    safetensors_torch.save_file(layer_tensors(8), tmp_path / "in.safetensors")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = run("quantize", tmp_path / "in.safetensors", locked / "o.safetensors", check=False)
+        _assert_clean_failure(proc.returncode, proc.stderr, set(), locked)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_failure_in_second_shard_leaves_no_folder(tmp_path, capsys):
+    shards = make_sharded(tmp_path / "in")
+    second = list(shards)[1]
+    tensors = shards[second]
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    safetensors_torch.save_file(tensors, tmp_path / "in" / second)
+    proc = run("quantize", tmp_path / "in", tmp_path / "out", check=False)
+    _assert_clean_failure(proc.returncode, proc.stderr, {"in"}, tmp_path)
+    # An existing non-empty OUT folder is refused, and left as it was.
+    from nf4kern import cli
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    capsys.readouterr()
+    status = cli.main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")])
+    _assert_clean_failure(status, capsys.readouterr().err, {"in", "out"}, tmp_path)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
+
+
+def test_interrupt_cleans_up(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a folder: exit 130, one line, no OUT and no temporaries."""
+    from nf4kern import cli, convert
+
+    make_sharded(tmp_path / "in")
+    calls = []
+    real = convert.quantize_entries
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "quantize_entries", interrupted)
+    monkeypatch.delenv("NF4KERN_DEBUG", raising=False)
+    assert cli.main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.startswith("nf4kern: error: interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert cli.main(["quantize", str(tmp_path / "in" / "model-00001-of-00002.safetensors"), str(tmp_path / "o.safetensors")]) == 0
+    calls.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(convert, "quantize_entries", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["quantize", str(tmp_path / "in" / "model-00001-of-00002.safetensors"), str(tmp_path / "o2.safetensors")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.safetensors"]
+
+
+def test_programming_errors_are_not_swallowed(tmp_path, monkeypatch):
+    from nf4kern import cli, convert
+
+    safetensors_torch.save_file(layer_tensors(9), tmp_path / "in.safetensors")
+    monkeypatch.setattr(convert, "error_stats", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]  # still cleaned up
