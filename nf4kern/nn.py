@@ -114,20 +114,6 @@ class Params4bit(nn.Parameter):
     def cpu(self):
         return self.to(device="cpu")
 
-    # Module.half()/float()/... call these on every floating parameter: once quantized, a float
-    # quant_storage holds packed bytes, so they go through to(), which never value-casts them.
-    def half(self, memory_format=torch.preserve_format):
-        return self.to(torch.float16)
-
-    def bfloat16(self, memory_format=torch.preserve_format):
-        return self.to(torch.bfloat16)
-
-    def float(self, memory_format=torch.preserve_format):
-        return self.to(torch.float32)
-
-    def double(self, memory_format=torch.preserve_format):
-        return self.to(torch.float64)
-
     def __deepcopy__(self, memo):
         new = type(self)(
             copy.deepcopy(self.data, memo),
