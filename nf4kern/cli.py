@@ -1,6 +1,7 @@
 """The nf4kern command line.
 
-    nf4kern demo [--size N]     quantization report on built-in example weights
+    nf4kern demo [--steps N]    the end-to-end job: QLoRA on real pretrained all-MiniLM-L6-v2
+    nf4kern report [--size N]   quantization report on built-in example weights
     nf4kern quantize IN OUT     a float safetensors checkpoint -> bitsandbytes' 4-bit layout
     nf4kern inspect FILE        per-tensor quantization error of a checkpoint
 
@@ -46,7 +47,7 @@ def _bits_per_param(state) -> float:
     return bits / n
 
 
-def demo(size: int) -> int:
+def report(size: int) -> int:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     weights = _example_weights(size, generator)
@@ -268,8 +269,11 @@ def _quant_arguments(p: argparse.ArgumentParser, compute_dtype: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="nf4kern", description="NF4/FP4 quantization, bit-exact with bitsandbytes")
     commands = parser.add_subparsers(dest="command", required=True)
-    p_demo = commands.add_parser("demo", help="quantization report on built-in example weights")
-    p_demo.add_argument("--size", type=int, default=1024, help="side of the square example weights")
+    p_demo = commands.add_parser("demo", help="the end-to-end job: quantize, measure, fine-tune, save and reload a real model")
+    p_demo.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
+    p_demo.add_argument("--out", default="demo-out", help="folder for the loss plot and the adapter")
+    p_report = commands.add_parser("report", help="quantization report on built-in example weights")
+    p_report.add_argument("--size", type=int, default=1024, help="side of the square example weights")
     p_quant = commands.add_parser(
         "quantize", help="quantize a float safetensors checkpoint to bitsandbytes' 4-bit layout",
         description="Quantize every eligible weight (floating, 2-D, named '*.weight', not matching --skip) of a "
@@ -286,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     p_insp.add_argument("--top", type=int, metavar="N", help="only the N tensors with the lowest SQNR")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args.size)
+        from . import demo
+
+        demo.run(steps=args.steps, out_dir=args.out)
+        return 0
+    if args.command == "report":
+        return report(args.size)
     return _run(quantize if args.command == "quantize" else inspect, args)
 
 

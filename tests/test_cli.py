@@ -374,3 +374,9 @@ def test_programming_errors_are_not_swallowed(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         cli.main(["quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]  # still cleaned up
+
+
+def test_report_subcommand_prints_the_quantization_table():
+    result = subprocess.run([sys.executable, "-m", "nf4kern.cli", "report", "--size", "64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "bits/param" in result.stdout and "heavy-tailed" in result.stdout and "Traceback" not in result.stderr
