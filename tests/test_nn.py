@@ -182,6 +182,8 @@ def test_corrupt_state_dict_errors(rng):
         load(lambda d: d.pop("bias"))
     with pytest.raises(RuntimeError, match=r"size mismatch for weight"):
         load(lambda d: [d.pop(k) for k in list(d) if k.startswith("weight.")])
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: expected a quantized weight with its quantization state"):
+        LinearNF4(64, 48).to("cpu").load_state_dict({"weight": torch.zeros(7, 7), "bias": sd["bias"]})
     # nothing was half-loaded into the layer that failed
     layer = LinearNF4(64, 48)
     with pytest.raises(RuntimeError):
@@ -314,6 +316,7 @@ def test_quantize_on_first_move(rng):
     with pytest.raises(RuntimeError, match=r"LinearNF4 weight is not quantized yet: move the layer to a device"):
         layer(torch.randn(2, 64))
     assert layer.to("cpu") is layer
+    assert layer.weight.shape == (24 * 64 // 2, 1)
     packed, state = nf4kern.quantize_4bit(w, 64, "nf4", False)
     assert layer.weight.bnb_quantized and layer.quant_state is layer.weight.quant_state and layer.quant_state == state
     assert_bytes_equal(layer.weight.data, packed)
@@ -340,3 +343,16 @@ def test_plain_parameter_swapped_in_keeps_working(rng):
     y = layer(x)
     layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)
     assert torch.equal(layer(x), y)
+
+
+def test_nothing_activation_sized_is_saved_for_backward(rng):
+    layer = LinearNF4.from_linear(_linear(40, 128, rng))
+    x = torch.randn(97, 128, generator=rng, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert saved, "the hook must see what autograd keeps"
+    assert all(97 not in t.shape for t in saved), [tuple(t.shape) for t in saved]
+    assert sum(t.numel() * t.element_size() for t in saved) < 128 * 40  # ~the packed weight + scales
+    y.sum().backward()
+    assert x.grad.shape == x.shape
