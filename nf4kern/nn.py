@@ -2,7 +2,7 @@
 
 Where bitsandbytes has a defect these classes do not copy it: load_state_dict works (bnb issue
 1946), a dtype cast never value-casts packed bytes held in a float quant_storage, forward never
-recasts the bias in place, and pickling keeps the class.
+recasts the bias in place, pickling keeps the class, and a moved parameter keeps its `module`.
 """
 from __future__ import annotations
 
@@ -92,7 +92,9 @@ class Params4bit(nn.Parameter):
             if self.quant_state is not None and device is not None:
                 self.quant_state.to(device)
         moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
-        return type(self)(moved, self.requires_grad, **{a: getattr(self, a) for a in _ATTRS if a != "module"})
+        # bitsandbytes drops `module` here; kept, a later requantization through this copy
+        # (peft's merge rebuilds from its __dict__) still updates the layer's quant_state.
+        return type(self)(moved, self.requires_grad, **{a: getattr(self, a) for a in _ATTRS})
 
     # Module.half()/.float()/.bfloat16()/.double() call these on every floating parameter:
     # packed bytes in a float quant_storage must not be value-cast.
@@ -115,11 +117,11 @@ class Params4bit(nn.Parameter):
         return self.to(device="cpu")
 
     def __deepcopy__(self, memo):
-        new = type(self)(
-            copy.deepcopy(self.data, memo),
-            self.requires_grad,
-            **{a: copy.deepcopy(getattr(self, a), memo) for a in _ATTRS},
-        )
+        attrs = {a: copy.deepcopy(getattr(self, a), memo) for a in _ATTRS if a != "module"}
+        # The layer's copy when the layer itself is being copied; else the same layer, as in
+        # bitsandbytes (copying a parameter must not copy the whole module around it).
+        attrs["module"] = memo.get(id(self.module), self.module)
+        new = type(self)(copy.deepcopy(self.data, memo), self.requires_grad, **attrs)
         memo[id(self)] = new
         return new
 
@@ -236,6 +238,8 @@ class Linear4bit(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._quant_state()
         inp_dtype = x.dtype
+        # With compute_dtype None every call computes in its input's dtype (bitsandbytes instead
+        # fixes compute_dtype from the first input it sees).
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -204,6 +204,7 @@ def test_to_cpu_moves_without_requantizing(rng):
         assert_bytes_equal(layer.weight.data, before)
     moved = layer.weight.to("cpu")
     assert isinstance(moved, Params4bit) and moved.quant_state is state and moved.bnb_quantized
+    assert moved.module is layer  # bitsandbytes drops it
     assert_bytes_equal(moved.data, before)
 
 
@@ -233,6 +234,9 @@ def test_deepcopy_pickle_and_torch_save_keep_type_and_outputs(rng):
     shallow = copy.copy(layer.weight)
     assert type(shallow) is Params4bit and shallow.quant_state is layer.weight.quant_state
     assert shallow.data_ptr() == layer.weight.data_ptr()
+    # a parameter copied on its own keeps pointing at its layer, which is not copied
+    deep = copy.deepcopy(layer.weight)
+    assert deep.module is layer and deep.quant_state == layer.weight.quant_state and deep.quant_state is not layer.weight.quant_state
 
 
 @pytest.mark.parametrize("storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
