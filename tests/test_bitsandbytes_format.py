@@ -97,6 +97,13 @@ def _bnb_dequantize(packed, bstate):
     return bnb_functional.dequantize_4bit(packed, bstate)
 
 
+def _fp4_zero_sign_cleared(t: torch.Tensor) -> torch.Tensor:
+    """FP4 code 8 (sign bit, magnitude 0) decodes to +0.0 in bitsandbytes' code table and its
+    torch kernel, which nf4kern follows, but to -0.0 in its non-AVX512 C++ CPU kernel: its own
+    paths disagree on the sign of that zero (and only there), so compare with the sign cleared."""
+    return torch.where(t == 0, torch.zeros_like(t), t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(3, 48), (4, 80)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -105,7 +112,10 @@ def test_dequantize_bitsandbytes_state_bit_identically(dtype, shape, quant_type,
     for blocksize, double_quant in [(32, True), (64, False), (256, True), (4096, False)]:
         packed, bstate = _bnb_quantize(x, blocksize, quant_type, double_quant)
         state = nf4kern.QuantState.from_dict(bstate.as_dict(packed=True))
-        assert_bytes_equal(nf4kern.dequantize_4bit(packed, state), _bnb_dequantize(packed, bstate), f"bs={blocksize}")
+        ours, theirs = nf4kern.dequantize_4bit(packed, state), _bnb_dequantize(packed, bstate)
+        if quant_type == "fp4":
+            ours, theirs = _fp4_zero_sign_cleared(ours), _fp4_zero_sign_cleared(theirs)
+        assert_bytes_equal(ours, theirs, f"bs={blocksize}")
 
 
 def test_state_dicts_are_identical(rng):
