@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import nf4kern
+from nf4kern import torch_ops
 from nf4kern.model import CheckpointMismatchError, load_bnb_checkpoint, quantize_model
 from nf4kern.nn import Linear4bit, LinearFP4, LinearNF4
 from tests.helpers import TINY_LLAMA, assert_bytes_equal, require_fixture
@@ -225,8 +226,12 @@ def test_load_tiny_llama_reproduces_bitsandbytes(how, fixture, reference, checkp
         print(f"\n[tiny llama, {how}] logits RMS ratio vs bitsandbytes {ratio:.4f}, argmax agreement {agreement:.3f}")
     assert ratio < 2e-2, ratio
     assert agreement >= 0.95, agreement
-    # against the same weights in a plain bf16 model on this machine (observed: bit-identical)
-    assert float((logits - plain).norm() / plain.norm()) < 2e-3
+    # Against the same weights in a plain bf16 model on this machine. Where the CPU multiplies
+    # bf16 natively, nf4kern does too and the logits were bit-identical; elsewhere nf4kern
+    # multiplies in float32 with the unrounded W_hat, so the two differ by bf16's rounding of
+    # the weights (observed: RMS ratio 0.0105 on an AVX2-only EPYC, the size of the 0.0084 above).
+    bound = 2e-3 if torch_ops.native_bf16_matmul() else 2e-2
+    assert float((logits - plain).norm() / plain.norm()) < bound
 
 
 def test_load_sharded_folder_and_cuda_free_skeleton(fixture, checkpoint, tmp_path, reference):
