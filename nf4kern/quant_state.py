@@ -46,6 +46,20 @@ class QuantState:
         self.state2 = state2
         self.nested = state2 is not None
 
+    def __getitem__(self, index):
+        """bitsandbytes' legacy list layout: [absmax, shape, dtype, blocksize, [offset, state2]
+        or None, quant_type] (code that unpacks a QuantState like a list)."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][index]
+
+    def __getattr__(self, name: str):
+        # FSDP's state-dict traversal resolves the key "weight.quant_state.bitsandbytes__nf4"
+        # as an attribute path: answer it with the packed JSON blob, as bitsandbytes does. Only
+        # called for names not found normally; __dict__ may be empty here (during unpickling).
+        if name == f"bitsandbytes__{self.__dict__.get('quant_type')}":
+            return self.as_dict(packed=True)[f"quant_state.{name}"]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # -- serialisation ----------------------------------------------------------------------
 
     def as_dict(self, packed: bool = False) -> dict:

@@ -135,6 +135,26 @@ def test_state_dicts_are_identical(rng):
         }
 
 
+def test_legacy_accessors_match_bitsandbytes(rng):
+    """QuantState[i] (the legacy list layout) and the attribute FSDP resolves for the
+    'quant_state.bitsandbytes__<type>' key give what bitsandbytes' QuantState gives."""
+    x = randn((33, 64), torch.float16, rng, 0.02)
+    for quant_type, double_quant in (("nf4", True), ("fp4", False)):
+        _, state = nf4kern.quantize_4bit(x, 64, quant_type, double_quant)
+        _, bstate = _bnb_quantize(x, 64, quant_type, double_quant)
+        for i in (0, 2, 3, 5, -1):
+            ours, theirs = state[i], bstate[i]
+            assert torch.equal(ours, theirs) if isinstance(ours, torch.Tensor) else ours == theirs, i
+        assert state[1] == bstate[1] and (state[4] is None) == (bstate[4] is None)
+        if double_quant:
+            assert torch.equal(state[4][0], bstate[4][0]) and state[4][1] == state.state2
+        blob = f"bitsandbytes__{quant_type}"
+        assert bytes(getattr(state, blob).tolist()) == bytes(getattr(bstate, blob).tolist())
+        other = "bitsandbytes__fp4" if quant_type == "nf4" else "bitsandbytes__nf4"
+        with pytest.raises(AttributeError, match=other):
+            getattr(state, other)
+
+
 def test_bitsandbytes_reads_our_state(rng):
     x = randn((64, 96), torch.float16, rng, 0.02)
     packed, state = nf4kern.quantize_4bit(x, 64, "nf4", double_quant=True)
