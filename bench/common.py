@@ -1,16 +1,14 @@
-"""Timing, machine description and docs/benchmarks.md sections shared by the benchmarks."""
+"""docs/benchmarks.md sections for the scripts in bench/; the measuring lives in nf4kern.benchmarks."""
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from nf4kern.benchmarks.common import device_kind, stamp
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = (
@@ -21,56 +19,22 @@ HEADER = (
 )
 
 
-def time_ms(fn, warmup: int = 5, repeat: int = 7) -> float:
-    """Median wall time of fn() in milliseconds after warm-up calls (which also let the
-    allocator settle: the first large allocations of a process are page-faulted in), CUDA
-    synchronised around each call."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def device_kind() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__}, CPU)"
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def stamp(command: str) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"Measured {now} on {machine()}.\nCommand: `{command}`\n"
+def setup() -> str:
+    """The device to measure; on the CPU at most 2 threads, so tables from different machines compare."""
+    device = device_kind()
+    if device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    return device
 
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_docs(name: str, device: str, section, placeholder) -> None:
+    """Write section as `name:device`; the other device's section, if absent, gets placeholder(other)."""
+    other = "cpu" if device == "cuda" else "cuda"
+    write_section(f"{name}:{device}", section.render(stamp(command_line())), {f"{name}:{other}": placeholder(other).render()})
 
 
 def write_section(name: str, body: str, placeholder_for: dict[str, str] | None = None) -> None:
