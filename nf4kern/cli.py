@@ -4,6 +4,7 @@
     nf4kern report [--size N]   quantization report on built-in example weights
     nf4kern quantize IN OUT     a float safetensors checkpoint -> bitsandbytes' 4-bit layout
     nf4kern inspect FILE        per-tensor quantization error of a checkpoint
+    nf4kern bench [--quick]     microbenchmarks against bitsandbytes and torch on this machine
 
 Expected failures (missing or corrupt files, wrong formats, unwritable outputs, bad options)
 end with one line `nf4kern: error: ...` on stderr and a non-zero exit status.
@@ -20,6 +21,7 @@ import time
 import torch
 
 from . import codebook as cb
+from .benchmarks import BENCHMARKS
 from .functional import dequantize_4bit, quantize_4bit
 
 
@@ -288,7 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     _quant_arguments(p_insp, compute_dtype=False)
     p_insp.add_argument("--plot", metavar="OUT.png", help="write error histograms to a PNG (needs matplotlib)")
     p_insp.add_argument("--top", type=int, metavar="N", help="only the N tensors with the lowest SQNR")
+    p_bench = commands.add_parser(
+        "bench", help="microbenchmarks against bitsandbytes and torch on this machine, as tables",
+        description="Quantize/dequantize, the NF4 matmul (forward and forward + backward) and the QLoRA layer, "
+        "nf4kern against bitsandbytes, torch bf16 and PEFT, measured now on CUDA if available, else the CPU. "
+        "Every number is measured in the run; peers not installed are named as such.",
+    )
+    p_bench.add_argument("--quick", action="store_true", help="a small subset of each benchmark")
+    p_bench.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
+    p_bench.add_argument("--shapes", type=_benchmark_arg("parse_shapes"), metavar="NxK,...",
+                         help="matmul: (N, K) weight shapes instead of the grid's (e.g. 4096x14336)")
+    p_bench.add_argument("--m", type=_benchmark_arg("parse_ms"), metavar="M,...", help="matmul: rows of x instead of the grid's")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        if (args.shapes or args.m) and args.only not in (None, "matmul"):
+            p_bench.error(f"--shapes and --m apply to the matmul benchmark, not --only {args.only}")
+        return bench(args)
     if args.command == "demo":
         from . import demo
 
@@ -297,6 +314,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report(args.size)
     return _run(quantize if args.command == "quantize" else inspect, args)
+
+
+def _benchmark_arg(name: str):
+    """An argparse type from nf4kern.benchmarks.matmul's parser `name` (its ValueError: one line)."""
+    def convert(text: str):
+        from .benchmarks import matmul
+
+        try:
+            return getattr(matmul, name)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def bench(args) -> int:
+    """Run the benchmarks on the device at hand and print each table as it completes (progress on
+    stderr)."""
+    from .benchmarks import common, lora, matmul, quant
+
+    device = common.device_kind()
+    mode = "quick" if args.quick else "default"
+    print(f"nf4kern bench: {common.machine()}" + (" (--quick subset)" if args.quick else ""), flush=True)
+    runs = {
+        "quant": lambda: quant.run(device, quant.QUICK_SIZE if args.quick else quant.SIZE),
+        "matmul": lambda: matmul.run(device, mode, args.shapes, args.m),
+        "lora": lambda: lora.run(device, mode),
+    }
+    try:
+        for name in [args.only] if args.only else BENCHMARKS:
+            print("\n" + runs[name]().render(), flush=True)
+    except KeyboardInterrupt as e:
+        return _fail("interrupted", e, status=130)
+    return 0
 
 
 def _run(command, args) -> int:

@@ -266,6 +266,9 @@ def _error_cases(tmp_path: Path):
         "nan weight": ["quantize", tmp_path / "nan.safetensors", tmp_path / "o.safetensors"],
         "inspect random bytes": ["inspect", tmp_path / "random.safetensors"],
         "inspect bad top": ["inspect", good, "--top", "0"],
+        "bench bad shape": ["bench", "--shapes", "4096"],
+        "bench bad only": ["bench", "--only", "gemm"],
+        "bench shapes for lora": ["bench", "--only", "lora", "--m", "8"],
     }
 
 
@@ -305,6 +308,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
     assert "nan" in messages["nan weight"].lower() and "truncated" in messages["truncated"]
     assert "not a safetensors file" in messages["random bytes"] and "not a safetensors file" in messages["text file"]
     assert "--blocksize" in messages["bad blocksize"] and "no such file" in messages["missing"]
+    assert "NxK" in messages["bench bad shape"] and "--only" in messages["bench bad only"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -380,3 +384,28 @@ def test_report_subcommand_prints_the_quantization_table():
     result = subprocess.run([sys.executable, "-m", "nf4kern.cli", "report", "--size", "64"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "bits/param" in result.stdout and "heavy-tailed" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_bench_matmul_quick_prints_peers_and_ratios():
+    """`nf4kern bench --quick --only matmul` on a tiny shape: one row per peer and pass, each
+    with a time, throughput and roofline share, and nf4kern's speedup over it (the peer's time
+    over nf4kern's, as printed)."""
+    from nf4kern.benchmarks.matmul import PEERS
+
+    proc = run("bench", "--quick", "--only", "matmul", "--shapes", "128x128", "--m", "1")
+    lines = proc.stdout.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| pass")).split("|")[1:-1]]
+    assert header[:9] == ["pass", "M", "N x K", "peer", "ms", "TFLOP/s", "GB/s", "% roofline", "nf4kern speedup"]
+    rows = [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines if line.startswith("| fwd")]
+    assert sorted((r["pass"], r["peer"]) for r in rows) == sorted((p, peer) for p in ("fwd", "fwd+bwd") for peer in PEERS)
+    for pass_ in ("fwd", "fwd+bwd"):
+        by_peer = {r["peer"]: r for r in rows if r["pass"] == pass_}
+        ours = float(by_peer["nf4kern"]["ms"])
+        assert ours > 0 and by_peer["nf4kern"]["% roofline"].endswith("%")
+        for peer in ("bf16", "bitsandbytes", "dequant+matmul"):
+            r = by_peer[peer]
+            if peer == "bitsandbytes" and r["ms"] == "bitsandbytes not installed":
+                continue
+            assert r["nf4kern speedup"].endswith("x"), r
+            assert math.isclose(float(r["nf4kern speedup"][:-1]), float(r["ms"]) / ours, rel_tol=0.02, abs_tol=0.01), r
+    assert "Roofline: copy bandwidth" in proc.stdout and "Not measured" in proc.stdout
