@@ -21,6 +21,8 @@ a heuristic, not autotuning: no timing runs, and the interpreter takes the gener
   the forward transposes the dequantized [n, k] tile in-kernel (tl.trans).
 * LoRA epilogue (forward, optional): y += lora_scale * lora_s @ lora_b^T on the fp32
   accumulator of the base GEMM / GEMV, so y is written once (split 0 adds it under split-K).
+  dx has its own (optional): dx += (lora_ds @ lora_a) * keep / (1 - p), the dropout mask
+  regenerated from the seed per output tile (_keep_tile, shared with kernels.lora).
 
 Format facts the kernels rely on: element (n, k) has flat index f = n*K + k (int64 in-kernel),
 byte f // 2, high nibble when f is even; block f // blocksize (blocks may straddle rows).
@@ -176,6 +178,46 @@ def _lora_epilogue(acc, s_ptr, b_ptr, scale, r, stride_sm, stride_bn, offs_m, of
 
 
 @triton.jit
+def _keep_tile(seed, p, rows, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The LoRA dropout mask (True = keep) of x[rows, c0:c0+BLOCK_C] ([BLOCK_R, BLOCK_C]).
+
+    keep(m, k) = u >= p with u uniform in [0, 1) from output k % 4 of Philox4x32-10 keyed by the
+    seed at counter (k // 4, m, 0, 0): the row and the column are separate 32-bit counters (no
+    flat index to overflow at M * K >= 2^31) and one Philox call serves four columns. A pure
+    function of (seed, m, k), whatever the tiling: c0 must be a multiple of 4.
+    """
+    quad = (c0 // 4 + tl.arange(0, BLOCK_C // 4)).to(tl.uint32)
+    zero = tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, quad[None, :] + zero, rows.to(tl.uint32)[:, None] + zero,
+                               zero, zero)
+    # Column 4j + i takes output i of counter j.
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def _lora_dx_epilogue(acc, ds_ptr, a_ptr, r, stride_dsm, stride_ar, offs_m, offs_k, mask_m,
+                      mask_k, k0, seed, p, keep_scale, dot_dtype: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """acc + (dS[offs_m, :r] @ A[:r, offs_k]) * keep / (1 - p): dS and A rounded to dot_dtype
+    (the activation dtype), fp32 accumulation; the mask regenerated from the seed."""
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in tl.range(0, r, BLOCK_R, num_stages=1):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < r
+        dsv = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :],
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        av = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        lora = _dot(_cast(dsv, dot_dtype), _cast(av, dot_dtype), lora, FP32_PRECISION)
+    if DROPOUT:
+        keep = _keep_tile(seed, p, offs_m, k0, BLOCK_M, BLOCK_K)
+        lora = tl.where(keep, lora, 0.0) * keep_scale
+    return acc + lora
+
+
+@triton.jit
 def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Program order that walks GROUP_M row tiles per column tile so weight tiles stay in L2."""
     in_group = GROUP_M * num_n
@@ -242,14 +284,18 @@ def _nf4_gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, neste
 
 @triton.jit
 def _nf4_gemm_dx_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, nested_ptr,
-                        offset_ptr, dmap_ptr, out_ptr, ws_ptr,
+                        offset_ptr, dmap_ptr, out_ptr, ws_ptr, lora_ds_ptr, lora_a_ptr,
                         M, N, K, stride_dm, stride_om, n_per_split,
+                        lora_r, stride_dsm, stride_ar, seed, drop_p, keep_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                         PAIRED: tl.constexpr, ROW_SCALE: tl.constexpr, NESTED: tl.constexpr,
-                        FP32_PRECISION: tl.constexpr):
-    """dx[M, K] = dy[M, N] @ W_hat[N, K]; output tiles BLOCK_M x BLOCK_K, reduction over N in
-    BLOCK_N steps; grid (tiles of M x K, SPLIT_K over N)."""
+                        FP32_PRECISION: tl.constexpr, HAS_LORA: tl.constexpr,
+                        LORA_BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr):
+    """dx[M, K] = dy[M, N] @ W_hat[N, K] (+ (lora_ds[M, r] @ lora_a[r, K]) * keep / (1 - p));
+    output tiles BLOCK_M x BLOCK_K, reduction over N in BLOCK_N steps; grid (tiles of M x K,
+    SPLIT_K over N). The LoRA term rides in the epilogue (split 0 only), its dropout mask
+    regenerated from the seed."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -279,6 +325,12 @@ def _nf4_gemm_dx_kernel(dy_ptr, packed_ptr, code_ptr, absmax_ptr, qabsmax_ptr, n
                           ROW_SCALE, NESTED)
         acc = _dot(g, _cast(w, g.dtype), acc, FP32_PRECISION)
 
+    if HAS_LORA:
+        if pid_s == 0:
+            acc = _lora_dx_epilogue(acc, lora_ds_ptr, lora_a_ptr, lora_r, stride_dsm, stride_ar,
+                                    offs_m, offs_k, mask_m, mask_k, k0, seed, drop_p, keep_scale,
+                                    dy_ptr.dtype.element_ty, BLOCK_M, BLOCK_K, LORA_BLOCK_R,
+                                    DROPOUT, FP32_PRECISION)
     _store_tile(acc, offs_m, offs_k, mask_m, mask_k, M, K, out_ptr, out_ptr, stride_om,
                 ws_ptr, pid_s, SPLIT_K, False)
 
@@ -600,6 +652,23 @@ def _check_lora(lora_s, lora_b, M, N, device) -> bool:
     return lora_s.shape[1] > 0
 
 
+def _check_lora_dx(lora_ds, lora_a, p, M, K, device) -> bool:
+    if lora_ds is None and lora_a is None:
+        return False
+    if lora_ds is None or lora_a is None:
+        raise ValueError("pass both lora_ds and lora_a, or neither")
+    for name, t in (("lora_ds", lora_ds), ("lora_a", lora_a)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
+            raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor on {device}")
+    if lora_ds.dim() != 2 or lora_a.dim() != 2 or lora_ds.shape[0] != M or lora_a.shape[1] != K \
+            or lora_ds.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"lora_ds must be [M={M}, r] and lora_a [r, K={K}], got "
+                         f"{tuple(lora_ds.shape)} and {tuple(lora_a.shape)}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"the LoRA dropout probability must be in [0, 1), got {p}")
+    return lora_ds.shape[1] > 0
+
+
 def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None, out_dtype=None,
                out=None, lora_s=None, lora_b=None, lora_scale=1.0) -> torch.Tensor:
     """y = x @ W_hat^T (+ bias): x [M, K] fp16/bf16/fp32 -> [M, N] in out_dtype (default x.dtype).
@@ -687,10 +756,15 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
 
 
 def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dtype=None,
-                  out=None) -> torch.Tensor:
+                  out=None, lora_ds=None, lora_a=None, lora_p=0.0, lora_seed=0) -> torch.Tensor:
     """dx = dy @ W_hat: dy [M, N] fp16/bf16/fp32 -> [M, K] in out_dtype (default dy.dtype).
 
     The weight arguments are those of nf4_matmul; `out`: an optional preallocated [M, K] result.
+
+    LoRA epilogue: with lora_ds [M, r] and lora_a [r, K] (any float dtypes), dx += (lora_ds @
+    lora_a) * keep / (1 - p) on the fp32 accumulator before the single store, keep being the
+    dropout mask of (lora_seed, lora_p) (kernels.lora.keep_mask; none when lora_p == 0). The
+    product runs on dy's dtype (lora_ds and lora_a rounded to it; fp32 accumulation).
     """
     _check_act(dy, "dy", N, "N")
     M, device = dy.shape[0], dy.device
@@ -698,28 +772,41 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
     buf, user_out = _output(out, (M, K), out_dtype, device)
     pk, code, absmax, qabsmax, nested_absmax, offset, dmap, is_nested = _weight_args(
         packed, code, absmax, N, K, blocksize, nested, device)
+    has_lora = _check_lora_dx(lora_ds, lora_a, lora_p, M, K, device)
     if M == 0 or K == 0:
         return _finish(buf, user_out)
-    if N == 0:
+    if N == 0 and not has_lora:
         buf.zero_()
         return _finish(buf, user_out)
     dy = _rows(dy)
     paired = K % 2 == 0
+    if has_lora:
+        lora_ds, lora_a = _rows(lora_ds), _rows(lora_a)
+        r = lora_ds.shape[1]
+        dropout = lora_p > 0.0
+        lora = dict(HAS_LORA=True, DROPOUT=dropout,
+                    LORA_BLOCK_R=_lora_block_r(r, dy.dtype, lora_ds.dtype, lora_a.dtype))
+        lora_args = (r, lora_ds.stride(0), lora_a.stride(0), int(lora_seed) if dropout else 0,
+                     float(lora_p), 1.0 / (1.0 - lora_p))
+    else:
+        lora_ds = lora_a = absmax
+        lora = dict(HAS_LORA=False, DROPOUT=False, LORA_BLOCK_R=16)
+        lora_args = (0, 0, 0, 0, 0.0, 1.0)
     cfg = _pick("dx", M, dy.dtype, K, blocksize, device)
     block_k = _block_k_for(cfg.block_k, blocksize, K)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k)
-    if M <= _LARGE_M:
+    if M <= _LARGE_M and N > 0:
         split, per_split = _split_for(tiles, N, cfg.block_n, device)
     else:
         split, per_split = 1, triton.cdiv(N, cfg.block_n) * cfg.block_n
     ws = torch.empty((split, M, K), dtype=torch.float32, device=device) if split > 1 else buf
     _nf4_gemm_dx_kernel[(tiles, split)](
-        dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws,
-        M, N, K, dy.stride(0), buf.stride(0), per_split,
+        dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws, lora_ds, lora_a,
+        M, N, K, dy.stride(0), buf.stride(0), per_split, *lora_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
         ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
-        FP32_PRECISION=_FP32_PRECISION, num_warps=cfg.num_warps,
+        FP32_PRECISION=_FP32_PRECISION, **lora, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **_LAUNCH_OPTS)
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(K, _SPLIT_REDUCE_BLOCK), M)](
@@ -736,14 +823,16 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 # Integer arguments that are multiples of 16 for aligned shapes (K % 32 == 0, N % 16 == 0,
 # contiguous rows); the JIT specialises them (and every 16-byte-aligned pointer) the same way.
 _DIV16_INTS = ("N", "K", "stride_xm", "stride_dm", "stride_om", "k_per_split", "n_per_split",
-               "lora_r", "stride_sm", "stride_bn")
+               "lora_r", "stride_sm", "stride_bn", "stride_dsm", "stride_ar")
 
 
 def _signature(kernel, act: str, constexprs: dict, lora_s: str = "fp32", lora_b: str = "fp32") -> dict:
     types = {"packed_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8",
              "nested_ptr": "*fp32", "offset_ptr": "*fp32", "dmap_ptr": "*fp32", "ws_ptr": "*fp32",
              "out_ptr": f"*{act}", "bias_ptr": f"*{act}", "x_ptr": f"*{act}", "dy_ptr": f"*{act}",
-             "lora_s_ptr": f"*{lora_s}", "lora_b_ptr": f"*{lora_b}", "lora_scale": "fp32"}
+             "lora_s_ptr": f"*{lora_s}", "lora_b_ptr": f"*{lora_b}", "lora_scale": "fp32",
+             "lora_ds_ptr": f"*{lora_s}", "lora_a_ptr": f"*{lora_b}", "seed": "i64",
+             "drop_p": "fp32", "keep_scale": "fp32"}
     return {name: "constexpr" if name in constexprs else types.get(name, "i32")
             for name in kernel.arg_names}
 
@@ -753,8 +842,8 @@ def _div16_attrs(kernel, signature: dict, odd_k: bool) -> dict:
     attrs = {}
     for i, name in enumerate(kernel.arg_names):
         t = signature[name]
-        # Odd K: K and the row stride of the [*, K] operand (x, or dx's output) are odd.
-        odd = odd_k and (name == "K" or (name == "stride_xm") or
+        # Odd K: K and the row stride of the [*, K] operands (x, A, or dx's output) are odd.
+        odd = odd_k and (name in ("K", "stride_xm", "stride_ar") or
                          (name == "stride_om" and kernel is _nf4_gemm_dx_kernel))
         if t.startswith("*") or (name in _DIV16_INTS and not odd):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -788,12 +877,16 @@ def _gemm_spec(name, act, cfg, nested, split, paired=True, row_scale=True, bias=
                  lora=lora or ("fp32", "fp32"))
 
 
-def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True):
+def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True, lora=None):
+    """lora: None, or (dtype of lora_ds, dtype of lora_a) for the LoRA epilogue with dropout,
+    r = 64."""
     c = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
              SPLIT_K=split, BLOCKSIZE=64, PAIRED=paired, ROW_SCALE=row_scale, NESTED=nested,
-             FP32_PRECISION=_FP32_PRECISION)
+             FP32_PRECISION=_FP32_PRECISION, HAS_LORA=lora is not None,
+             LORA_BLOCK_R=_lora_block_r(64, act, *lora) if lora else 16, DROPOUT=lora is not None)
     return _spec(name, _nf4_gemm_dx_kernel, act, cfg.num_warps, cfg.num_stages, c,
-                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired)
+                 wgmma=cfg.block_m >= 64 and act != "fp32", odd_k=not paired,
+                 lora=lora or ("fp32", "fp32"))
 
 
 def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True, lora=None):
@@ -854,6 +947,21 @@ def _compile_specs() -> list:
                   _gemv_spec(f"gemv_splitk_{tag}", "bf16", _GEMV, True, lora=lora)]
     specs += [_gemm_spec("fwd_large_fp32_nested_lora_sfp32", "fp32", _TABLES[("fwd", "fp32")].large,
                          True, 1, lora=("fp32", "fp32"))]
+    # The dx LoRA epilogue with dropout (r = 64): dS in fp32, A in fp32 (or bf16).
+    for act, a_dtype in (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+        tag = f"{act}_nested_lora_a{a_dtype}"
+        table, lora = _TABLES[("dx", "half")], ("fp32", a_dtype)
+        specs += [_dx_spec(f"dx_large_{tag}", act, table.large, True, 1, lora=lora),
+                  _dx_spec(f"dx_large_sm90_{tag}", act, table.large_sm90, True, 1, lora=lora)]
+        specs += [_dx_spec(f"dx_m{bound}_splitk_{tag}", act, cfg, True, 4, lora=lora)
+                  for bound, cfg in table.buckets]
+    for variant, act in (("fp32", "fp32"), ("odd", "bf16"), ("odd", "fp32")):
+        table, paired = _TABLES[("dx", variant)], variant != "odd"
+        tag = f"{act}_nested{'_odd_k' if not paired else ''}_lora_afp32"
+        specs += [_dx_spec(f"dx_large_{tag}", act, table.large, True, 1, paired, paired,
+                           lora=("fp32", "fp32")),
+                  _dx_spec(f"dx_m16_splitk_{tag}", act, table.buckets[0][1], True, 4, paired,
+                           paired, lora=("fp32", "fp32"))]
     specs += [_gemv_spec("gemv_splitk_bf16_nested_straddle", "bf16", _GEMV, True, row_scale=False),
               _gemv_spec("gemv_splitk_bf16_nested_odd_k", "bf16", _GEMV_ODD_K, True, paired=False,
                          row_scale=False)]
