@@ -17,8 +17,10 @@ from .quant_state import QuantState
 def keep_multiplier(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor | None:
     """float32 (0 or 1/(1-p)) per element of x, a pure function of the seed; None when p == 0.
 
-    On CPU tensors: torch's CPU generator seeded with `seed`. (The Triton kernels draw Philox
-    numbers from the same seed; the two paths' masks differ, each is reproducible.)
+    This is the mask of the torch and reference paths: torch's CPU generator seeded with `seed`.
+    The Triton kernels draw theirs from Philox keyed by the seed (never stored, regenerated in
+    backward); `nf4kern.kernels.lora.keep_mask(seed, M, K, p, device)` materialises that one.
+    The two paths' masks differ; each is reproducible from the seed.
     """
     if p == 0.0:
         return None
@@ -33,7 +35,8 @@ def lora_forward(x2, packed, state: QuantState, bias, A, B, scale: float, p: flo
     if choice == "triton":
         from .kernels import lora as kernel
 
-        return kernel.lora_forward(x2, packed, state, bias, A, B, scale, p, seed)
+        return kernel.lora_forward(x2, A=A, B=B, scale=scale, p=p, seed=seed, bias=bias,
+                                   **matmul._weight_args(packed, state))
     keep = keep_multiplier(seed, tuple(x2.shape), p, x2.device)
     if choice == "reference":
         from . import reference
@@ -55,7 +58,8 @@ def lora_backward(dy2, x2, S, packed, state: QuantState, A, B, scale: float, p: 
     if choice == "triton":
         from .kernels import lora as kernel
 
-        return kernel.lora_backward(dy2, x2, S, packed, state, A, B, scale, p, seed, needs)
+        return kernel.lora_backward(dy2, x2, S, A=A, B=B, scale=scale, p=p, seed=seed, needs=needs,
+                                    **matmul._weight_args(packed, state))
     keep = keep_multiplier(seed, tuple(x2.shape), p, x2.device)
     if choice == "reference":
         from . import reference
