@@ -182,8 +182,11 @@ def prepare_qlora(
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule `name`, in that module's train/eval mode."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module.train(getattr(parent, child).training)
+    setattr(parent, child, module)
 
 
 def qlora_report(model: nn.Module) -> dict:
@@ -277,6 +280,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"{path / _CONFIG}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
     if config.get("use_dora"):
         raise ValueError(f"{path / _CONFIG}: DoRA adapters are not supported")
+    if config.get("alpha_pattern"):
+        raise ValueError(f"{path / _CONFIG}: per-layer lora_alpha (alpha_pattern) is not supported")
     tensors = load_file(str(path / _WEIGHTS))
     names = sorted({_module_name(k) for k in tensors})
     for name in names:

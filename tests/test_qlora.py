@@ -605,6 +605,38 @@ def test_load_adapter_reads_peft(tmp_path):
         assert torch.equal(module.lora_A, ours[name].lora_A) and torch.equal(module.lora_B, ours[name].lora_B)
 
 
+def test_load_adapter_refuses_alpha_pattern(tmp_path):
+    """PEFT's per-layer lora_alpha would silently give the wrong scaling: refused. (rank_pattern
+    needs nothing: each layer's r comes from its tensors' shapes.)"""
+    theirs = peft_model(tiny_llama(), r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 64})
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="alpha_pattern"):
+        load_adapter(tiny_llama(), tmp_path)
+    theirs = peft_model(tiny_llama(), r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    theirs.save_pretrained(tmp_path / "ranks")
+    for name, module in adapters(load_adapter(tiny_llama(), tmp_path / "ranks")).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert module.r == peft_layer.r["default"] and module.scaling == peft_layer.scaling["default"]
+
+
+def test_new_layers_keep_the_models_mode(tmp_path):
+    """prepare_qlora and load_adapter put each QLoRALinear in the mode of the layer it replaces:
+    an adapter loaded into a model in eval mode must not apply dropout."""
+    model = prepare_qlora(tiny_llama().train(), r=4, lora_alpha=8, lora_dropout=0.5, verbose=False)
+    assert all(m.training and m.base_layer.training for m in adapters(model).values())
+    for module in adapters(model).values():
+        nn.init.normal_(module.lora_B, std=0.1)
+    save_adapter(model, tmp_path)
+    assert not tiny_llama().training  # eval mode, as from_pretrained returns a model
+    loaded = load_adapter(tiny_llama(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert not any(m.training for m in prepare_qlora(tiny_llama(), verbose=False).modules())
+
+
 # -- a short training run, nf4kern and PEFT + bitsandbytes on the same bytes -----------------------
 
 
