@@ -27,8 +27,6 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if isinstance(base, Linear4bit):
@@ -41,8 +39,8 @@ class QLoRALinear(nn.Module):
         base.requires_grad_(False)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.r = r
+        self.set_hyperparameters(lora_alpha, lora_dropout, use_rslora)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
@@ -50,6 +48,16 @@ class QLoRALinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self._unmerged_weight: Params4bit | None = None
+
+    def set_hyperparameters(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+        """lora_alpha, dropout and rsLoRA, and the scaling they give (not while merged: the merged
+        weight holds the old scaling)."""
+        if getattr(self, "merged", False):
+            raise ValueError("unmerge() the adapter before changing its hyperparameters")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
+        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
 
     def reset_lora_parameters(self, init: str = "default") -> None:
         """PEFT's initialisations: A kaiming-uniform (a = sqrt(5)) or N(0, 1/r); B zero."""
@@ -268,7 +276,8 @@ def save_adapter(model: nn.Module, directory) -> None:
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Load a LoRA adapter saved by PEFT (or save_adapter) into `model`: layers that are not yet
-    QLoRALinear are converted (4-bit NF4 base) with the adapter's r, alpha, dropout and rslora."""
+    QLoRALinear are converted (4-bit NF4 base) with the adapter's r, alpha, dropout and rslora;
+    QLoRALinear layers take the adapter's alpha, dropout and rslora (and must have its r)."""
     from safetensors.torch import load_file
 
     path = Path(directory)
@@ -283,25 +292,43 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     if config.get("alpha_pattern"):
         raise ValueError(f"{path / _CONFIG}: per-layer lora_alpha (alpha_pattern) is not supported")
     tensors = load_file(str(path / _WEIGHTS))
-    names = sorted({_module_name(k) for k in tensors})
-    for name in names:
-        a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
-        if a_key not in tensors or b_key not in tensors:
-            raise ValueError(f"{path / _WEIGHTS}: {name} needs both lora_A and lora_B weights")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path / _WEIGHTS}: the model has no module {name!r}") from None
-        if not isinstance(module, QLoRALinear):
-            r = int(tensors[a_key].shape[0])
-            module = QLoRALinear(module, r, config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+    hyper = (config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+    if not 0.0 <= hyper[1] < 1.0:
+        raise ValueError(f"{path / _CONFIG}: lora_dropout must be in [0, 1), got {hyper[1]!r}")
+    # Every layer is checked before any is changed: a bad adapter leaves the model as it was.
+    layers = {name: _adapter_target(model, name, tensors, path) for name in sorted({_module_name(k) for k in tensors})}
+    for name, module in layers.items():
+        if isinstance(module, QLoRALinear):
+            module.set_hyperparameters(*hyper)  # the adapter's scaling, not the layer's old one
+        else:
+            module = QLoRALinear(module, int(tensors[f"{_PREFIX}{name}.lora_A.weight"].shape[0]), *hyper)
             _set_submodule(model, name, module)
         with torch.no_grad():
-            for param, key in ((module.lora_A, a_key), (module.lora_B, b_key)):
-                if param.shape != tensors[key].shape:
-                    raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} does not fit the layer's {tuple(param.shape)}")
-                param.copy_(tensors[key])
+            module.lora_A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
+            module.lora_B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
     return model
+
+
+def _adapter_target(model: nn.Module, name: str, tensors: dict, path: Path) -> nn.Module:
+    """The module `name` of `model` after checking that the adapter's A and B fit it."""
+    a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+    if a_key not in tensors or b_key not in tensors:
+        raise ValueError(f"{path / _WEIGHTS}: {name} needs both lora_A and lora_B weights")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path / _WEIGHTS}: the model has no module {name!r}") from None
+    if not hasattr(module, "in_features"):
+        raise ValueError(f"{path / _WEIGHTS}: {name} is a {type(module).__name__}, not a linear layer")
+    r = int(tensors[a_key].shape[0])
+    if isinstance(module, QLoRALinear):
+        r = module.r
+        if module.merged:
+            raise ValueError(f"{name}: unmerge() the adapter before loading another into it")
+    for key, shape in ((a_key, (r, module.in_features)), (b_key, (module.out_features, r))):
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} does not fit the layer's {shape}")
+    return module
 
 
 def _module_name(key: str) -> str:

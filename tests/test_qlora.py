@@ -620,6 +620,26 @@ def test_load_adapter_refuses_alpha_pattern(tmp_path):
         assert module.r == peft_layer.r["default"] and module.scaling == peft_layer.scaling["default"]
 
 
+def test_load_adapter_into_prepared_model_takes_the_adapters_scaling(tmp_path):
+    """Loading into layers that are already QLoRALinear applies the adapter's alpha, dropout and
+    rsLoRA (the layer's own were those of prepare_qlora), and refuses a wrong r or a merged layer."""
+    theirs = peft_model(tiny_llama(), r=4, lora_alpha=64, lora_dropout=0.2, use_rslora=True, target_modules=["q_proj"])
+    theirs.save_pretrained(tmp_path)
+    model = prepare_qlora(tiny_llama(), r=4, lora_alpha=16, target_modules=["q_proj"], verbose=False)
+    for name, module in adapters(load_adapter(model, tmp_path)).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert (module.lora_alpha, module.lora_dropout, module.use_rslora) == (64, 0.2, True)
+        assert module.scaling == peft_layer.scaling["default"] == 32.0
+    wrong_r = prepare_qlora(tiny_llama(), r=8, lora_alpha=16, target_modules=["q_proj"], verbose=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter(wrong_r, tmp_path)
+    assert all(m.lora_alpha == 16 for m in adapters(wrong_r).values())  # left as it was
+    merged = prepare_qlora(tiny_llama(), r=4, lora_alpha=16, target_modules=["q_proj"], verbose=False)
+    next(iter(adapters(merged).values())).merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        load_adapter(merged, tmp_path)
+
+
 def test_new_layers_keep_the_models_mode(tmp_path):
     """prepare_qlora and load_adapter put each QLoRALinear in the mode of the layer it replaces:
     an adapter loaded into a model in eval mode must not apply dropout."""
