@@ -29,7 +29,10 @@ _ROUNDING_MARGIN = 2.0**-21
 
 @functools.lru_cache(maxsize=None)
 def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(shift, lower code, upper code, threshold) per cell of float32(s + 3) >> shift."""
+    """(shift, lower code, upper code, threshold) per cell of float32(s + 3) >> shift. The
+    threshold is stored as its int32 bits: torch.gather from an int32 table is ~3x faster than
+    from a float32 one on AVX2 CPUs (measured on an AMD EPYC, where the float path's vector
+    gather instruction is slow)."""
     shift = 17 if quant_type == "nf4" else 13  # FP4 thresholds sit closer together near 0
     ncells = 1 << (31 - shift)  # every non-negative int32 >> shift, NaN patterns included
     bits = (np.arange(ncells, dtype=np.int64) << shift).astype(np.uint32)
@@ -52,7 +55,7 @@ def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torc
         shift,
         torch.from_numpy(lower.astype(np.uint8)),
         torch.from_numpy(upper.astype(np.uint8)),
-        torch.from_numpy(threshold),
+        torch.from_numpy(threshold).view(torch.int32),
     )
 
 
@@ -74,12 +77,13 @@ def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
 def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor, out: torch.Tensor) -> None:
     """Write the uint8 code of each scaled value into out (s finite, in [-1, 1] up to rounding)."""
     shift, lower, upper, threshold = _cell_tables(quant_type)
-    cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift)
-    above = s > threshold.index_select(0, cell)
+    # int64 cells: torch.gather (int64 index) is several times faster than index_select here.
+    cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift).long()
+    above = s > torch.gather(threshold, 0, cell).view(torch.float32)
     if quant_type == "nf4":  # adjacent codes: upper == lower + 1
-        torch.add(lower.index_select(0, cell), above, out=out)
+        torch.add(torch.gather(lower, 0, cell), above, out=out)
     else:
-        torch.where(above, upper.index_select(0, cell), lower.index_select(0, cell), out=out)
+        torch.where(above, torch.gather(upper, 0, cell), torch.gather(lower, 0, cell), out=out)
 
 
 def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +99,7 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         xf = _padded_float_chunk(flat, start, stop, blocksize).view(-1, blocksize)
-        lo, hi = torch.aminmax(xf, dim=1)
+        lo, hi = xf.amin(1), xf.amax(1)  # two reductions: ~5x faster than one aminmax here
         amax = absmax[start // blocksize : start // blocksize + xf.shape[0]]
         torch.maximum(hi, lo.neg_(), out=amax)
         recip = amax.clamp_min(_TINY_ABSMAX).reciprocal_()
