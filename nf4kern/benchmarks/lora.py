@@ -231,7 +231,7 @@ def run(device: str, mode: str = "default", size: int = SIZE, repeat: int | None
     cases, subset = grid(device, mode)
     results = {(M, r, p): run_case(M, r, p, size, device, warmup, repeat) for M, r, p in cases}
     intro = (f"QLoRA linear forward + backward, N = K = {size}, bf16 x, NF4 double quant, "
-             f"median of {repeat} after {warmup} warm-up, 3 after 1 for calls over {SLOW_MS / 1000:.0f} s{subset}. "
+             f"median of {repeat} after {warmup} warm-up, {min(repeat, 3)} after 1 for calls over {SLOW_MS / 1000:.0f} s{subset}. "
              f"{GOAL_TEXT[device]}\n"
              + (f"{common.cpu_bf16_note()}\n" if device == "cpu" else "")
              + "saved MiB: activation bytes autograd keeps between forward and backward (each storage "

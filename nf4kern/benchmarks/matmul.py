@@ -279,7 +279,7 @@ def run(device: str, mode: str = "default", shapes=None, ms=None, repeat: int | 
         done.add(case)
     full = grid(device, "full")
     missing = [c for c in full if c not in done]
-    intro = (f"bf16 x, NF4 blocksize 64 with double quant; median of {repeat} after {warmup} warm-up (3 after 1 for "
+    intro = (f"bf16 x, NF4 blocksize 64 with double quant; median of {repeat} after {warmup} warm-up ({min(repeat, 3)} after 1 for "
              f"calls over {SLOW_MS / 1000:.0f} s), caches flushed before each. {GOAL_TEXT[device]}\n"
              f"Roofline: copy bandwidth {bandwidth:.0f} GB/s ({copy_mib} MiB copy) and GEMM {gemm:.3g} TFLOP/s "
              f"({str(gemm_dtype).removeprefix('torch.')} {gemm_size}^3"
