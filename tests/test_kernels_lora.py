@@ -120,6 +120,8 @@ CASES = [
     (1, 97, 33, 16, FP32, FP32, 0.0, False, False, "fp4", 32),              # GEMV, odd K
     (3, 130, 17, 5, torch.float16, FP32, 0.1, True, False, "nf4", 64),
     (3, 40, 17, 256, torch.bfloat16, FP32, 0.1, False, True, "nf4", 64),    # 4 r tiles
+    (5, 97, 17, 8, FP32, FP32, 0.1, True, True, "nf4", 64),                 # odd-K dx, M <= 16
+    (9, 97, 33, 17, torch.bfloat16, torch.bfloat16, 0.1, False, True, "fp4", 64),
     (17, 97, 33, 17, torch.bfloat16, torch.bfloat16, 0.1, True, True, "fp4", 64),  # 16-bit dots
     (17, 40, 33, 64, FP32, FP32, 0.1, True, True, "nf4", 32),
     (17, 130, 17, 5, torch.float16, torch.float16, 0.0, False, True, "nf4", 64),
