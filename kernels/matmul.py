@@ -644,14 +644,21 @@ def _lora_block_r(r, act, *lora_dtypes) -> int:
     return max(16, min(cap, triton.next_power_of_2(r)))
 
 
-def _check_lora(lora_s, lora_b, M, N, device) -> bool:
-    if lora_s is None and lora_b is None:
+def _lora_given(a, b, names, device) -> bool:
+    """Whether a LoRA operand pair is passed (both or neither), each a float tensor on device."""
+    if a is None and b is None:
         return False
-    if lora_s is None or lora_b is None:
-        raise ValueError("pass both lora_s and lora_b, or neither")
-    for name, t in (("lora_s", lora_s), ("lora_b", lora_b)):
+    if a is None or b is None:
+        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither")
+    for name, t in zip(names, (a, b)):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
             raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor on {device}")
+    return True
+
+
+def _check_lora(lora_s, lora_b, M, N, device) -> bool:
+    if not _lora_given(lora_s, lora_b, ("lora_s", "lora_b"), device):
+        return False
     if lora_s.dim() != 2 or lora_b.dim() != 2 or lora_s.shape[0] != M or lora_b.shape[0] != N \
             or lora_s.shape[1] != lora_b.shape[1]:
         raise ValueError(f"lora_s must be [M={M}, r] and lora_b [N={N}, r], got "
@@ -660,13 +667,8 @@ def _check_lora(lora_s, lora_b, M, N, device) -> bool:
 
 
 def _check_lora_dx(lora_ds, lora_a, p, M, K, device) -> bool:
-    if lora_ds is None and lora_a is None:
+    if not _lora_given(lora_ds, lora_a, ("lora_ds", "lora_a"), device):
         return False
-    if lora_ds is None or lora_a is None:
-        raise ValueError("pass both lora_ds and lora_a, or neither")
-    for name, t in (("lora_ds", lora_ds), ("lora_a", lora_a)):
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) or t.device != device:
-            raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor on {device}")
     if lora_ds.dim() != 2 or lora_a.dim() != 2 or lora_ds.shape[0] != M or lora_a.shape[1] != K \
             or lora_ds.shape[1] != lora_a.shape[0]:
         raise ValueError(f"lora_ds must be [M={M}, r] and lora_a [r, K={K}], got "

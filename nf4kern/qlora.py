@@ -39,20 +39,19 @@ class QLoRALinear(nn.Module):
         base.requires_grad_(False)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r = r
+        self.r, self.merged = r, False
         self.set_hyperparameters(lora_alpha, lora_dropout, use_rslora)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.reset_lora_parameters(init)
-        self.merged = False
         self.adapter_enabled = True
         self._unmerged_weight: Params4bit | None = None
 
     def set_hyperparameters(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         """lora_alpha, dropout and rsLoRA, and the scaling they give (not while merged: the merged
         weight holds the old scaling)."""
-        if getattr(self, "merged", False):
+        if self.merged:
             raise ValueError("unmerge() the adapter before changing its hyperparameters")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
@@ -297,20 +296,20 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"{path / _CONFIG}: lora_dropout must be in [0, 1), got {hyper[1]!r}")
     # Every layer is checked before any is changed: a bad adapter leaves the model as it was.
     layers = {name: _adapter_target(model, name, tensors, path) for name in sorted({_module_name(k) for k in tensors})}
-    for name, module in layers.items():
+    for name, (module, A, B) in layers.items():
         if isinstance(module, QLoRALinear):
             module.set_hyperparameters(*hyper)  # the adapter's scaling, not the layer's old one
         else:
-            module = QLoRALinear(module, int(tensors[f"{_PREFIX}{name}.lora_A.weight"].shape[0]), *hyper)
+            module = QLoRALinear(module, A.shape[0], *hyper)
             _set_submodule(model, name, module)
         with torch.no_grad():
-            module.lora_A.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
-            module.lora_B.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
+            module.lora_A.copy_(A)
+            module.lora_B.copy_(B)
     return model
 
 
-def _adapter_target(model: nn.Module, name: str, tensors: dict, path: Path) -> nn.Module:
-    """The module `name` of `model` after checking that the adapter's A and B fit it."""
+def _adapter_target(model: nn.Module, name: str, tensors: dict, path: Path) -> tuple:
+    """(the module `name` of `model`, the adapter's A, its B), after checking that they fit."""
     a_key, b_key = f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
     if a_key not in tensors or b_key not in tensors:
         raise ValueError(f"{path / _WEIGHTS}: {name} needs both lora_A and lora_B weights")
@@ -328,7 +327,7 @@ def _adapter_target(model: nn.Module, name: str, tensors: dict, path: Path) -> n
     for key, shape in ((a_key, (r, module.in_features)), (b_key, (module.out_features, r))):
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} does not fit the layer's {shape}")
-    return module
+    return module, tensors[a_key], tensors[b_key]
 
 
 def _module_name(key: str) -> str:
