@@ -30,39 +30,66 @@ class Section:
 
 
 def time_ms(fn, warmup: int = 5, repeat: int = 7, flush: torch.Tensor | None = None, slow_ms: float | None = None) -> float:
-    """Median time of fn() in milliseconds after warm-up calls (which also let the allocator
-    settle: the first large allocations of a process are page-faulted in).
+    """Median time of fn() in milliseconds after warm-up calls (see time_interleaved)."""
+    result = time_interleaved({"fn": fn}, warmup, repeat, flush, slow_ms)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    On CUDA each call is timed by events, so launches queue behind the previous work instead of
-    paying a host synchronisation each. `flush` (see cache_flusher) is overwritten before every
-    timed call, outside the timing: the operands then come from memory, as in a model larger
-    than the caches. When the first call takes longer than slow_ms, it is the only warm-up and
-    3 calls are timed (emulated bf16 GEMMs on some CPUs take seconds)."""
-    cuda = torch.cuda.is_available()
-    for i in range(warmup):
-        start = time.perf_counter()
+
+def time_interleaved(fns: dict, warmup: int = 5, repeat: int = 7, flush: torch.Tensor | None = None,
+                     slow_ms: float | None = None) -> dict:
+    """{name: median milliseconds of fns[name]()}, the timed calls taken in rounds that call every
+    function once: drift in the machine's speed (frequency, a noisy neighbour on a VM) then reaches
+    every peer alike instead of whichever ran during it, and the ratios between them hold.
+
+    Warm-up calls come first (they also let the allocator settle: the first large allocations of
+    a process are page-faulted in). On CUDA each call is timed by events, so launches queue
+    behind the previous work instead of paying a host synchronisation each. `flush` (see
+    cache_flusher) is overwritten before every timed call, outside the timing: the operands then
+    come from memory, as in a model larger than the caches. A function whose first call takes
+    longer than slow_ms gets that one warm-up and 3 timed calls, in the first rounds (emulated
+    bf16 GEMMs on some CPUs take seconds). A function that raises is left out of the later rounds
+    and its entry is the exception."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    results, samples, rounds = {}, {}, {}
+    for name, fn in fns.items():
+        try:
+            slow = False
+            for i in range(warmup):
+                ms = _call_ms(fn)
+                if i == 0 and slow_ms is not None and ms > slow_ms:
+                    slow = True
+                    break
+            samples[name], rounds[name] = [], min(repeat, 3) if slow else repeat
+        except Exception as e:
+            results[name] = e
+    for round_ in range(repeat):
+        for name in [n for n in samples if round_ < rounds[n]]:
+            if flush is not None:
+                flush.zero_()
+            try:
+                samples[name].append(_call_ms(fns[name]))
+            except Exception as e:
+                results[name] = e
+                del samples[name]
+    results.update({name: statistics.median(s) for name, s in samples.items()})
+    return {name: results[name] for name in fns}
+
+
+def _call_ms(fn) -> float:
+    """Milliseconds of one fn() call, to the end of the work it queued on a GPU."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        if cuda:
-            torch.cuda.synchronize()
-        if i == 0 and slow_ms is not None and (time.perf_counter() - start) * 1e3 > slow_ms:
-            repeat = min(repeat, 3)
-            break
-    samples = []
-    for _ in range(repeat):
-        if flush is not None:
-            flush.zero_()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def cache_flusher(device: str) -> torch.Tensor:

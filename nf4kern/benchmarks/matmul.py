@@ -10,8 +10,9 @@ Peers, measured in the same run on the same bf16 weight (NF4, blocksize 64, doub
                   candidate a dispatcher could pick for large M
 
 Time: median of calls with the caches flushed before each (weights come from memory, as in a
-model larger than the caches); forward runs under no_grad, forward + backward is
-y = f(x); y.backward(dy). Calls over a second (emulated bf16 on some CPUs) are timed 3 times
+model larger than the caches), the peers' calls interleaved round by round (a slow spell of the
+machine reaches them all); forward runs under no_grad, forward + backward is y = f(x);
+y.backward(dy). Calls over a second (emulated bf16 on some CPUs) are timed 3 times
 after one warm-up. speedup = peer time / nf4kern time.
 Roofline: bytes = the weight as stored (NF4 codes + scales, or bf16), read once per pass, plus
 the activations read and written (x, y; and dy, dx in backward); FLOP = 2MNK per pass. GB/s and
@@ -181,40 +182,54 @@ def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def run_case(pass_: str, M: int, weights: Weights, device: str, warmup: int, repeat: int, flush) -> dict:
-    """{peer: median ms, or why there is none}."""
+    """{peer: median ms, or why there is none}; the peers' calls interleaved (common.time_interleaved)."""
     N, K = weights.w.shape
     x = torch.randn(M, K, dtype=torch.bfloat16, device=device)
     dy = torch.randn(M, N, dtype=torch.bfloat16, device=device)
-    results = {}
+    results, timed = {}, {}
     ops = weights.ops(pass_)
     with torch.no_grad():
         ref = ops["nf4kern"](x)
     for peer, op in ops.items():
         if isinstance(op, str):
             results[peer] = op
+        elif peer not in ("nf4kern", "bf16") and not _agrees_or_why(op, x, ref, results, peer):
             continue
-        try:
-            if peer not in ("nf4kern", "bf16"):
-                with torch.no_grad():
-                    if not _agrees(op(x), ref):
-                        results[peer] = "wrong result (differs from nf4kern's by > 2%)"
-                        continue
-            if pass_ == "fwd":
-                with torch.no_grad():
-                    results[peer] = common.time_ms(lambda: op(x), warmup, repeat, flush, SLOW_MS)
-            else:
-                xg = x.clone().requires_grad_(True)
-
-                def step():
-                    xg.grad = None
-                    op(xg).backward(dy)
-
-                results[peer] = common.time_ms(step, warmup, repeat, flush, SLOW_MS)
-        except Exception as e:
-            results[peer] = common.failure(e)
+        else:
+            timed[peer] = _timed_call(pass_, op, x, dy)
+    for peer, ms in common.time_interleaved(timed, warmup, repeat, flush, SLOW_MS).items():
+        results[peer] = common.failure(ms) if isinstance(ms, Exception) else ms
+    for peer in ops:
         shown = results[peer] if isinstance(results[peer], str) else f"{results[peer]:.4g} ms"
         common.progress(f"  matmul {pass_} M={M} {N}x{K} {peer}: {shown}")
     return results
+
+
+def _agrees_or_why(op, x, ref, results: dict, peer: str) -> bool:
+    """Whether op(x) agrees with nf4kern's result; if not, results[peer] says why."""
+    try:
+        with torch.no_grad():
+            if _agrees(op(x), ref):
+                return True
+        results[peer] = "wrong result (differs from nf4kern's by > 2%)"
+    except Exception as e:
+        results[peer] = common.failure(e)
+    return False
+
+
+def _timed_call(pass_: str, op, x, dy):
+    """The call to time: op(x) under no_grad, or op(x).backward(dy)."""
+    if pass_ == "fwd":
+        def forward():
+            with torch.no_grad():
+                op(x)
+        return forward
+    xg = x.clone().requires_grad_(True)
+
+    def step():
+        xg.grad = None
+        op(xg).backward(dy)
+    return step
 
 
 def _rows(device: str, case, results: dict, weights: Weights, bandwidth: float, gemm: float) -> list[list]:
@@ -280,7 +295,7 @@ def run(device: str, mode: str = "default", shapes=None, ms=None, repeat: int | 
     full = grid(device, "full")
     missing = [c for c in full if c not in done]
     intro = (f"bf16 x, NF4 blocksize 64 with double quant; median of {repeat} after {warmup} warm-up ({min(repeat, 3)} after 1 for "
-             f"calls over {SLOW_MS / 1000:.0f} s), caches flushed before each. {GOAL_TEXT[device]}\n"
+             f"calls over {SLOW_MS / 1000:.0f} s), caches flushed before each, the peers' calls interleaved. {GOAL_TEXT[device]}\n"
              f"Roofline: copy bandwidth {bandwidth:.0f} GB/s ({copy_mib} MiB copy) and GEMM {gemm:.3g} TFLOP/s "
              f"({str(gemm_dtype).removeprefix('torch.')} {gemm_size}^3"
              + (f"; bf16 {rates[torch.bfloat16]:.3g}" if gemm_dtype != torch.bfloat16 else "")
