@@ -2,7 +2,8 @@
 
 Where bitsandbytes has a defect these classes do not copy it: load_state_dict works (bnb issue
 1946), a dtype cast never value-casts packed bytes held in a float quant_storage, forward never
-recasts the bias in place, pickling keeps the class, and a moved parameter keeps its `module`.
+recasts the bias in place, pickling keeps the class, a moved parameter keeps its `module`, and
+a layer moves to the meta device.
 """
 from __future__ import annotations
 
@@ -142,10 +143,16 @@ class Params4bit(nn.Parameter):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
-        if func in (torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split) and isinstance(args[0], Params4bit):
+        if not (args and isinstance(args[0], Params4bit)):
+            return result
+        src = args[0]
+        if func in (torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split):
             # FSDP2 splits parameters: every piece keeps the type and the shared quant_state.
-            src = args[0]
             return tuple(type(src)(piece, src.requires_grad, **{a: getattr(src, a) for a in _ATTRS}) for piece in result)
+        if func is torch.Tensor.detach:
+            # nn.Parameter(p) detaches a subclass p and requires the same type back: Module.to()
+            # builds the parameter that way on a device change it cannot do in place (to "meta").
+            return type(src)(result, False, **{a: getattr(src, a) for a in _ATTRS})
         return result
 
     # Read-only views of the quantization state, by bitsandbytes' names: FSDP's state-dict

@@ -208,6 +208,23 @@ def test_to_cpu_moves_without_requantizing(rng):
     assert_bytes_equal(moved.data, before)
 
 
+def test_to_meta_keeps_the_format(rng):
+    """A model moved to "meta" (a skeleton for loading or sharding) keeps its 4-bit layers:
+    torch rebuilds such a parameter through detach(), which keeps the type and attributes."""
+    layer = LinearNF4.from_linear(_linear(32, 64, rng))
+    shape, state = layer.weight.shape, layer.weight.quant_state
+    detached = layer.weight.detach()
+    assert type(detached) is Params4bit and not detached.requires_grad
+    assert detached.quant_state is state and detached.module is layer and detached.bnb_quantized
+    layer.to("meta")
+    w = layer.weight
+    assert type(w) is Params4bit and w.device.type == "meta" and w.shape == shape and w.dtype == torch.uint8
+    assert w.bnb_quantized and w.quant_state is state and state.absmax.device.type == "meta"
+    fresh = LinearNF4(64, 32).to("meta")  # not quantized yet: stays a float weight, on meta
+    assert type(fresh.weight) is Params4bit and fresh.weight.device.type == "meta"
+    assert not fresh.weight.bnb_quantized and fresh.weight.quant_state is None and fresh.weight.dtype == torch.float32
+
+
 def _copies(layer):
     buf = io.BytesIO()
     torch.save(layer, buf)
