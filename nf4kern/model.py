@@ -73,6 +73,9 @@ def quantize_model(
     Left as they are:
       * modules matching `skip` (default: lm_head), and the module returned by
         `model.get_output_embeddings()` when the model has that method;
+      * in a transformers model with a task head on a base model, the head (the module holding
+        the last parameter: a classifier, a score layer), and the modules the model lists in
+        `_keep_in_fp32_modules`: transformers' load_in_4bit leaves them unquantized too;
       * with `include` given, every module matching none of its names;
       * a Linear whose weight is tied (the same Parameter) to another module's parameter, as an
         output head tied to the input embedding usually is: quantizing it would untie them;
@@ -88,7 +91,8 @@ def quantize_model(
     skip = _names(skip, "skip")
     include = None if include is None else _names(include, "include")
 
-    head = _output_embeddings(model)
+    head, task_head = _output_embeddings(model), _task_head(model)
+    keep_fp32 = _keep_in_fp32(model)
     owners = _parameter_owners(model)
     summary = QuantizeSummary()
     linears: dict[int, tuple[nn.Linear, list[str]]] = {}  # every name of each (maybe shared) Linear
@@ -104,6 +108,10 @@ def quantize_model(
             reason = "in skip"
         elif module is head:
             reason = "output embeddings"
+        elif module is task_head:
+            reason = "task head (the model's last module)"
+        elif any(_matches(n, keep_fp32) for n in names):
+            reason = "kept in float32 by the model (_keep_in_fp32_modules)"
         elif include is not None and not any(_matches(n, include) for n in names):
             reason = "not in include"
         elif len({id(m) for m, _ in owners[id(module.weight)]}) > 1:
@@ -164,6 +172,27 @@ def _output_embeddings(model: nn.Module):
         return get()
     except (NotImplementedError, AttributeError):
         return None
+
+
+def _task_head(model: nn.Module):
+    """The head of a transformers model built on a base model (a ...ForSequenceClassification's
+    classifier, a ...ForCausalLM's lm_head): the module holding the last parameter, which
+    transformers leaves unquantized. None for base models and other modules."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    if not names or "." not in names[-1]:
+        return None
+    return model.get_submodule(names[-1].rsplit(".", 1)[0])
+
+
+def _keep_in_fp32(model: nn.Module) -> tuple[str, ...]:
+    """Module names a transformers model keeps in float32 (T5's `wo`, ...)."""
+    names = []
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names += list(getattr(model, attr, None) or ())
+    return _names(names, "_keep_in_fp32_modules")
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

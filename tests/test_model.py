@@ -121,6 +121,31 @@ def test_quantize_model_errors_leave_the_model_unchanged():
         quantize_model(meta)
 
 
+def test_quantize_model_keeps_task_heads_and_fp32_modules_as_transformers_does():
+    """transformers' load_in_4bit leaves a task head on a base model, and the modules a model
+    lists in _keep_in_fp32_modules, unquantized; quantize_model does the same."""
+    bert = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=48, num_labels=3)
+    torch.manual_seed(0)
+    classifier = transformers.BertForSequenceClassification(bert)
+    _, summary = quantize_model(classifier, return_summary=True)
+    assert type(classifier.classifier) is nn.Linear and summary.skipped == {"classifier": "task head (the model's last module)"}
+    linears = [n for n, m in classifier.named_modules() if isinstance(m, nn.Linear)]
+    assert sorted(summary.quantized) == sorted(n for n in linears if n != "classifier")
+    # A base model has no head: its pooler is an ordinary layer.
+    _, summary = quantize_model(transformers.BertModel(bert), return_summary=True)
+    assert summary.skipped == {} and "pooler.dense" in summary.quantized
+
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2))
+    assert "wo" in type(t5)._keep_in_fp32_modules
+    _, summary = quantize_model(t5, return_summary=True)
+    wo = [n for n, m in t5.named_modules() if n.endswith(".wo")]
+    assert len(wo) == 2 and all(type(t5.get_submodule(n)) is nn.Linear for n in wo)
+    assert all(summary.skipped[n].endswith("(_keep_in_fp32_modules)") for n in wo)
+    assert len(summary.quantized) > 10 and not any(n.endswith(".wo") for n in summary.quantized)
+
+
 def _small_llama(tie=False):
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
