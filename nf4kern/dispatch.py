@@ -1,4 +1,4 @@
-"""Backend choice: Triton kernels for CUDA tensors, the torch path for CPU tensors.
+"""Backend choice: Triton kernels for CUDA tensors, the torch path for CPU tensors, no other device.
 
 `backend=` on a call, or the environment variable NF4KERN_BACKEND, forces one of
 "triton" (the interpreter on CPU tensors, when TRITON_INTERPRET=1), "torch" or "reference".
@@ -13,9 +13,14 @@ import torch
 
 BACKENDS = ("triton", "torch", "reference")
 ENV_VAR = "NF4KERN_BACKEND"
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def select(device: torch.device, backend: str | None = None) -> str:
+    if device.type not in DEVICE_TYPES:
+        # Every other device (meta, mps, xpu...) would otherwise reach the torch path, which
+        # for meta returns uninitialised memory instead of failing.
+        raise ValueError(f"nf4kern runs on cpu and cuda tensors only; got a tensor on {device}")
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"

@@ -80,6 +80,7 @@ def dequantize_4bit(
     if packed.dtype not in STORAGE_DTYPES:
         raise ValueError(f"packed must have a storage dtype {STORAGE_DTYPES}, got {packed.dtype}")
     quant_state.check(packed)
+    check_state_device(packed, quant_state, "packed")
     out_dtype = dtype or quant_state.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
@@ -101,6 +102,19 @@ def check_float_tensor(A, name: str) -> None:
         raise ValueError(f"{name} is a meta tensor: it has no data to quantize")
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)})")
+
+
+def check_state_device(packed: torch.Tensor, quant_state: QuantState, name: str) -> None:
+    """The kernels read the packed bytes and every state tensor from one device; a meta tensor
+    has no bytes to read."""
+    if packed.is_meta:
+        raise ValueError(f"{name} is a meta tensor: it has no data to dequantize")
+    for field, t in quant_state.named_tensors():
+        if t.device != packed.device:
+            raise ValueError(
+                f"quant_state.{field} is on {t.device} but {name} is on {packed.device}: "
+                f"move the state with quant_state.to({str(packed.device)!r})"
+            )
 
 
 def _check_storage(quant_storage, nbytes: int) -> int:

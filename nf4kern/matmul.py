@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, torch_ops
-from .functional import FLOAT_DTYPES
+from .functional import FLOAT_DTYPES, check_state_device
 from .quant_state import QuantState
 
 
@@ -24,6 +24,20 @@ def _check(x: torch.Tensor, packed: torch.Tensor, state: QuantState, name: str, 
     if x.device != packed.device:
         raise ValueError(f"{name} is on {x.device} but the weight is on {packed.device}")
     state.check(packed)
+    check_state_device(packed, state, "weight")
+
+
+def _check_bias(bias, x: torch.Tensor, N: int) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"bias must be float32, float16 or bfloat16, got {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if bias.dim() != 1 or bias.shape[0] != N:
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
 
 
 def _weight_args(packed: torch.Tensor, state: QuantState) -> dict:
@@ -42,8 +56,7 @@ def nf4_matmul(x, packed, state, bias=None, backend=None) -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype (float32 accumulation)."""
     N, K = state.shape if state.shape is not None and len(state.shape) == 2 else (None, None)
     _check(x, packed, state, "x", K)
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    _check_bias(bias, x, N)
     x2 = x.reshape(-1, K)
     choice = dispatch.select(x.device, backend)
     if choice == "triton":

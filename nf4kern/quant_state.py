@@ -159,12 +159,17 @@ class QuantState:
                 f"blocksize {self.blocksize}, got {_describe(self.absmax)}"
             )
         if self.nested:
+            if not isinstance(self.state2, QuantState):
+                raise ValueError(
+                    "the state is nested (double quantized), so state2 must be the QuantState of the "
+                    f"nested absmax, got {_describe(self.state2)}"
+                )
             nested_blocks = -(-nblocks // cb.NESTED_BLOCKSIZE)
             na = self.state2.absmax
             if not isinstance(na, torch.Tensor) or na.dtype != torch.float32 or na.shape != (nested_blocks,):
                 raise ValueError(f"nested_absmax must be a torch.float32 tensor of shape ({nested_blocks},), got {_describe(na)}")
-            if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1:
-                raise ValueError(f"offset must be a 0-dim float32 tensor, got {_describe(self.offset)}")
+            if not isinstance(self.offset, torch.Tensor) or self.offset.dtype != torch.float32 or self.offset.dim() != 0:
+                raise ValueError(f"offset must be a 0-dim torch.float32 tensor, got {_describe(self.offset)}")
         if packed is not None:
             nbytes = packed.numel() * packed.element_size()
             if nbytes != -(-self.numel // 2):
@@ -172,6 +177,13 @@ class QuantState:
                     f"packed data holds {nbytes} bytes but the quantization state describes "
                     f"{self.numel} elements ({-(-self.numel // 2)} bytes)"
                 )
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor the state holds, the nested ones as 'state2.<name>'."""
+        pairs = [("absmax", self.absmax), ("code", self.code)]
+        if self.nested and self.state2 is not None:
+            pairs += [("offset", self.offset), ("state2.absmax", self.state2.absmax), ("state2.code", self.state2.code)]
+        return [(name, t) for name, t in pairs if isinstance(t, torch.Tensor)]
 
     # -- bitsandbytes' conveniences -------------------------------------------------------------
 

@@ -86,6 +86,82 @@ def test_dequantize_rejects_bad_output_dtype(rng):
         nf4kern.dequantize_4bit(packed, state, dtype=torch.int8)
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+@pytest.mark.parametrize("backend", [None, "torch", "reference", "triton"])
+def test_backends_run_on_cpu_and_cuda_only(device, backend):
+    # Any other device used to reach the torch path (which returns garbage for meta).
+    with pytest.raises(ValueError, match=f"cpu and cuda tensors only; got a tensor on {device}"):
+        dispatch.select(torch.device(device), backend)
+
+
+def _quantized(rng, double_quant=True):
+    """Packed data and a state of their own, so a test may replace the state's tensors."""
+    return nf4kern.quantize_4bit(randn((8, 64), torch.float32, rng), 64, double_quant=double_quant)
+
+
+def test_dequantize_rejects_meta_packed(rng):
+    packed, state = _quantized(rng)
+    with pytest.raises(ValueError, match="packed is a meta tensor"):
+        nf4kern.dequantize_4bit(packed.to("meta"), state)
+
+
+@pytest.mark.parametrize("field", ["absmax", "code", "offset", "state2.absmax", "state2.code"])
+def test_dequantize_rejects_state_on_another_device(field, rng):
+    packed, state = _quantized(rng)
+    owner, name = (state.state2, field[7:]) if field.startswith("state2.") else (state, field)
+    setattr(owner, name, getattr(owner, name).to("meta"))
+    with pytest.raises(ValueError, match=rf"quant_state\.{field} is on meta but packed is on cpu"):
+        nf4kern.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [torch.tensor(0.5, dtype=torch.float64), torch.tensor([0.5]), torch.tensor(1, dtype=torch.int32), 0.5, None],
+    ids=["float64", "shape1", "int32", "float", "none"],
+)
+def test_nested_offset_must_be_a_0dim_float32_tensor(offset, rng):
+    packed, state = _quantized(rng)
+    state.offset = offset
+    with pytest.raises(ValueError, match="offset must be a 0-dim torch.float32 tensor"):
+        nf4kern.dequantize_4bit(packed, state)
+
+
+def test_nested_state_without_state2(rng):
+    packed, state = _quantized(rng)
+    state.state2 = None  # `nested` stays True, as when a caller edits the state
+    with pytest.raises(ValueError, match="nested .*state2 must be the QuantState of the nested absmax, got NoneType"):
+        nf4kern.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool])
+def test_linear_bias_dtype(dtype, rng):
+    packed, state = _quantized(rng)
+    with pytest.raises(ValueError, match="bias must be float32, float16 or bfloat16, got"):
+        nf4kern.nf4_linear(torch.randn(2, 64), packed, torch.ones(8, dtype=dtype), state)
+
+
+def test_matmul_bias_device_and_type(rng):
+    # nf4kern.matmul directly: through nf4_linear's torch.library op a meta input selects the
+    # op's fake kernel before nf4kern.matmul is reached.
+    from nf4kern import matmul
+
+    packed, state = _quantized(rng)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        matmul.nf4_matmul(x, packed, state, torch.ones(8, device="meta"))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        matmul.nf4_matmul(x, packed, state, [0.0] * 8)
+
+
+def test_matmul_rejects_state_on_another_device(rng):
+    from nf4kern import matmul
+
+    packed, state = _quantized(rng, double_quant=False)
+    state.absmax = state.absmax.to("meta")
+    with pytest.raises(ValueError, match="quant_state.absmax is on meta but weight is on cpu"):
+        matmul.nf4_matmul(torch.randn(2, 64), packed, state)
+
+
 def _state_dict(rng, double_quant=True):
     _, state = nf4kern.quantize_4bit(randn((16, 64), torch.bfloat16, rng), 64, double_quant=double_quant)
     return {"weight." + k: v for k, v in state.as_dict(packed=True).items()}
