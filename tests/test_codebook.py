@@ -1,14 +1,24 @@
-"""The codebooks, computed from their definitions, equal bitsandbytes' tables bit for bit."""
+"""The codebooks, computed from their definitions, equal bitsandbytes' tables bit for bit, and
+the FP4 decision thresholds equal its CUDA kernel's literals."""
 import numpy as np
 import pytest
 import torch
 
 from nf4kern import codebook as cb
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+# The thresholds of bitsandbytes' CUDA dQuantizeFP4 (csrc/kernels.cu), as written there, in
+# ascending order. GPU-made checkpoints hold the codes this tree chooses.
+CUDA_FP4_LITERALS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
+# The codes dQuantizeFP4 returns for |s| at or below each threshold in turn, then above the last.
+CUDA_FP4_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
 
-def test_nf4_codebook_equals_bitsandbytes():
+@pytest.fixture(scope="module")
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def test_nf4_codebook_equals_bitsandbytes(bnb_functional):
     ours = cb.nf4_codebook()
     theirs = bnb_functional.get_4bit_type("nf4", device="cpu").numpy()
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
@@ -21,13 +31,13 @@ def test_nf4_codebook_is_normal_quantiles():
     assert (ours < 0).sum() == 7 and (ours > 0).sum() == 8
 
 
-def test_fp4_codebook_equals_bitsandbytes():
+def test_fp4_codebook_equals_bitsandbytes(bnb_functional):
     ours = cb.fp4_codebook()
     theirs = bnb_functional.get_4bit_type("fp4", device="cpu").numpy()
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
 
 
-def test_dynamic_map_equals_bitsandbytes():
+def test_dynamic_map_equals_bitsandbytes(bnb_functional):
     ours = cb.dynamic_map()
     theirs = bnb_functional.create_dynamic_map(signed=True).numpy()
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
@@ -39,6 +49,13 @@ def test_nf4_thresholds_are_float32_midpoints():
     t = cb.nf4_thresholds()
     assert t.dtype == np.float32
     np.testing.assert_allclose(t, (c[:-1] + c[1:]) / 2, rtol=1e-7)
+
+
+def test_fp4_thresholds_are_the_cuda_kernel_literals():
+    # A C float literal is the decimal rounded once to float32.
+    cuda = np.array([np.float32(v) for v in CUDA_FP4_LITERALS])
+    np.testing.assert_array_equal(cb.FP4_MAGNITUDE_THRESHOLDS.view(np.uint32), cuda.view(np.uint32))
+    assert tuple(cb.FP4_CODES_BY_MAGNITUDE) == CUDA_FP4_CODES
 
 
 def test_fp4_decision_tree_picks_a_nearest_value():

@@ -7,7 +7,7 @@ import nf4kern
 from nf4kern import codebook as cb
 from nf4kern import reference
 from tests.conftest import DTYPES
-from tests.helpers import assert_bytes_equal, randn
+from tests.helpers import assert_bytes_equal, randn, unpack
 
 SIZES = [1, 3, 17, 65, 130, 1000, 4097, 300_001]
 
@@ -56,6 +56,31 @@ def test_ties_and_edges_follow_the_rule(quant_type):
     x = torch.from_numpy(np.concatenate([t, up, down, extra]).astype(np.float32))
     _check_against_reference(x, 32, quant_type, double_quant=False)
     _check_against_reference(x, 32, quant_type, double_quant=False, backend="reference")
+
+
+# (s, the code bitsandbytes' CUDA dQuantizeFP4 gives it): sign bit 8 iff s < 0, then `|s| > T`
+# against the kernel's literals, ties to the smaller magnitude. Where noted, its CPU path (exact
+# midpoints, ties to the lower value, zeros sorted together) picks another code.
+FP4_CUDA_CODES = [
+    (1.0, 3),
+    (-0.41666669, 12),  # |s| is the literal 0.4166667f itself, not above it: -1/3 (CPU: 13, -1/2)
+    (0.5833334, 2),  # the midpoint of 1/2 and 2/3, 6 ulp above 0.583333f: 2/3 (CPU: 5, 1/2)
+    (0.2916667, 4),  # the midpoint of 1/4 and 1/3, 1 ulp above 0.29166667f: 1/3 (CPU: 7, 1/4)
+    (0.002604168, 0),  # above the midpoint of 0 and 1/192, below 0.00260417f: 0 (CPU: 1)
+    (0.001, 0),  # (CPU: 8)
+    (-0.001, 8),  # negative with magnitude code 0: the sign bit alone (CPU: 0)
+    (-0.0, 0),  # -0.0 < 0 is false
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_fp4_codes_are_the_cuda_kernels(backend):
+    # The block's absmax is the 1.0, so s == x exactly.
+    values, codes = zip(*FP4_CUDA_CODES)
+    x = torch.tensor(values, dtype=torch.float32)
+    packed, state = nf4kern.quantize_4bit(x, 32, "fp4", backend=backend)
+    assert state.absmax.tolist() == [1.0]
+    assert unpack(packed, x.numel()).tolist() == list(codes)
 
 
 def test_zero_and_tiny_blocks(rng):
