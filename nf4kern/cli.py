@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -156,15 +157,34 @@ def inspect(args) -> int:
     opts = _options(args)
     if args.top is not None and args.top < 1:
         raise convert.ConvertError(f"--top must be a positive number, got {args.top}")
-    if args.plot:
-        try:
-            import matplotlib
-        except ImportError:
-            raise convert.ConvertError("--plot needs matplotlib (pip install matplotlib)") from None
-        matplotlib.use("Agg")
-        if os.path.isdir(args.plot) or not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-            raise convert.ConvertError(f"cannot write the plot to {args.plot}: not a file in an existing folder")
-    report = convert.inspect_checkpoint(args.file, opts, bins=80 if args.plot else 0, progress=False if args.no_progress else None)
+    plot = _plot_file(args.plot) if args.plot else None  # before the work, so a bad --plot fails at once
+    try:
+        return _inspect(args, opts, plot)
+    finally:
+        if plot is not None:
+            plot.discard()
+
+
+def _plot_file(path: str):
+    from . import convert
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise convert.ConvertError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    try:
+        dest = Path(path)
+        convert.check_output_file(dest)
+        return convert.OutputFile(dest, suffix=".png.tmp")
+    except convert.ConvertError as e:
+        raise convert.ConvertError(f"--plot: {e}") from None
+
+
+def _inspect(args, opts, plot) -> int:
+    from . import convert
+
+    report = convert.inspect_checkpoint(args.file, opts, bins=80 if plot else 0, progress=False if args.no_progress else None)
     print(f"nf4kern inspect: {report.source.path} ({opts.describe()})")
     rows = report.errors
     if args.top is not None:
@@ -195,15 +215,16 @@ def inspect(args) -> int:
     if not rows and not report.quantized:
         print("no eligible tensors (floating 2-D '.weight' not matching --skip) and no quantized ones")
     print(f"not inspected: {report.not_eligible} tensors (not 2-D floating '.weight', or matching --skip)")
-    if args.plot:
+    if plot is not None:
         if not rows:
             raise convert.ConvertError("--plot: no float tensors were quantized, nothing to plot")
-        _plot(rows, args.plot)
-        print(f"error histograms written to {args.plot}")
+        _plot(rows, plot)
+        print(f"error histograms written to {plot.dest}")
     return 0
 
 
-def _plot(rows, path: str) -> None:
+def _plot(rows, out) -> None:
+    """Error histograms of up to 12 tensors, saved as PNG into the convert.OutputFile out."""
     import matplotlib.pyplot as plt
 
     rows = rows[:12]
@@ -221,14 +242,12 @@ def _plot(rows, path: str) -> None:
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with out.writing():
+            fig.savefig(out.file, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    out.commit()
 
 
 def _options(args):
@@ -307,10 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             p_bench.error(f"--shapes and --m apply to the matmul benchmark, not --only {args.only}")
         return bench(args)
     if args.command == "demo":
-        from . import demo
-
-        demo.run(steps=args.steps, out_dir=args.out)
-        return 0
+        return _run(_demo, args, interrupted="interrupted")
     if args.command == "report":
         return report(args.size)
     return _run(quantize if args.command == "quantize" else inspect, args)
@@ -349,8 +365,15 @@ def bench(args) -> int:
     return 0
 
 
-def _run(command, args) -> int:
-    """Run a file command; expected failures become one line on stderr (NF4KERN_DEBUG=1: raise)."""
+def _demo(args) -> int:
+    from . import demo
+
+    demo.run(steps=args.steps, out_dir=args.out)
+    return 0
+
+
+def _run(command, args, interrupted: str = "interrupted; no output was written") -> int:
+    """Run a command; expected failures become one line on stderr (NF4KERN_DEBUG=1: raise)."""
     from .convert import ConvertError
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -369,7 +392,7 @@ def _run(command, args) -> int:
     except OSError as e:
         return _fail(_os_error(e), e)
     except KeyboardInterrupt as e:
-        return _fail("interrupted; no output was written", e, status=130)
+        return _fail(interrupted, e, status=130)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -16,6 +16,8 @@ describes the tensors that are already in bitsandbytes' layout.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -199,14 +201,15 @@ class _Reader:
         except self._error as e:
             raise ConvertError(f"{self.path}: cannot read {name!r} ({e})") from None
 
-    def copy_range(self, info: TensorInfo, out) -> None:
+    def chunks(self, info: TensorInfo):
+        """The raw bytes of a tensor, in chunks of at most _COPY_CHUNK."""
         self._raw.seek(info.begin)
         left = info.nbytes
         while left:
             chunk = self._raw.read(min(left, _COPY_CHUNK))
             if not chunk:
                 raise ConvertError(f"{self.path}: file ends inside {info.name!r}")
-            out.write(chunk)
+            yield chunk
             left -= len(chunk)
 
     def close(self) -> None:
@@ -272,39 +275,123 @@ def resolve_input(path: str | os.PathLike) -> Source:
     raise ConvertError(f"{p} has neither {SINGLE_NAME} nor {INDEX_NAME} (only safetensors checkpoints are supported)")
 
 
-# -- writing safetensors --------------------------------------------------------------------------
+# -- writing --------------------------------------------------------------------------------------
+
+
+def _reason(e: OSError, dest: Path) -> str:
+    """Why dest cannot be written, in words about dest rather than about a temporary file."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    if e.errno == errno.ENOTDIR:
+        blocker = next((p for p in reversed(dest.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is not a folder"
+    if e.errno == errno.ENOENT and dest.parent.is_dir():  # e.g. /proc: the folder exists, creating fails
+        return f"nothing can be created in {dest.parent}"
+    return e.strerror or str(e)
+
+
+@contextlib.contextmanager
+def _writing(dest: Path):
+    """OSErrors while writing dest or its temporaries become 'cannot write dest: reason'."""
+    try:
+        yield
+    except OSError as e:
+        raise ConvertError(f"cannot write {dest}: {_reason(e, dest)}") from None
+
+
+def _check_parent(dest: Path) -> None:
+    if dest.parent.is_dir():
+        return
+    blocker = next((p for p in dest.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConvertError(f"cannot write {dest}: {blocker} is not a folder")
+    raise ConvertError(f"cannot write {dest}: folder {dest.parent} does not exist")
+
+
+def check_output_file(dest: Path) -> None:
+    """Refuse a destination file whose folder is missing or that exists as something other than a
+    regular file (a folder, a device, a pipe): os.replace would put the file in its place."""
+    _check_parent(dest)
+    if dest.exists() and not dest.is_file():
+        raise ConvertError(f"cannot write {dest}: it exists and is not a regular file")
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """The folder path, created if missing and checked writable, before any long work that ends
+    by writing there."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConvertError(f"cannot write {folder}: it exists and is not a folder")
+    with _writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    return folder
+
+
+class OutputFile:
+    """A temporary file beside dest (`file`, opened w+b) that commit() moves onto dest, so dest is
+    either complete or untouched; errors name `shown` (dest unless given), never the temporary."""
+
+    def __init__(self, dest: Path, suffix: str = ".tmp", shown: Path | None = None):
+        self.dest, self.shown = dest, shown or dest
+        with self.writing():
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+        self.path = Path(tmp)
+        self.file = os.fdopen(fd, "w+b")
+
+    def writing(self):
+        return _writing(self.shown)
+
+    def commit(self) -> None:
+        with self.writing():
+            self.file.flush()
+            os.fchmod(self.file.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.path, self.dest)
+
+    def discard(self) -> None:
+        """Remove the temporary unless committed."""
+        self.file.close()
+        _unlink(self.path)
 
 
 class SafetensorsWriter:
     """Writes one safetensors file in two passes: tensor bytes stream to a temporary data file
-    while their offsets are recorded; finish() writes header + data to a temporary file in the
-    destination's folder and os.replace()s it into place. abort() (or an exception inside a
-    `with`) removes both temporary files."""
+    while their offsets are recorded; finish() writes header + data to an OutputFile and commits
+    it. abort() (or an exception inside a `with`) removes both temporary files. Write errors name
+    `shown` (dest unless given)."""
 
-    def __init__(self, dest: Path, metadata: dict | None = None):
-        self.dest = dest
+    def __init__(self, dest: Path, metadata: dict | None = None, shown: Path | None = None):
+        self.dest, self.shown = dest, shown or dest
         self.metadata = {**(metadata or {}), "format": "pt"}
         self.header: dict[str, dict] = {}
         self.size = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".data.tmp", dir=dest.parent)
+        with _writing(self.shown):
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".data.tmp", dir=dest.parent)
         self._data_path = Path(tmp)
         self._data = os.fdopen(fd, "w+b")
-        self._final_path: Path | None = None
+        self._final: OutputFile | None = None
 
     def _record(self, name: str, dtype: str, shape, nbytes: int) -> None:
         if name in self.header:
-            raise ConvertError(f"{self.dest}: tensor {name!r} would be written twice")
+            raise ConvertError(f"{self.shown}: tensor {name!r} would be written twice")
         self.header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self.size, self.size + nbytes]}
         self.size += nbytes
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().cpu()
         data = t.reshape(-1).view(torch.uint8).numpy()
-        self._data.write(memoryview(data))
+        with _writing(self.shown):
+            self._data.write(memoryview(data))
         self._record(name, TORCH_TO_ST[t.dtype], t.shape, data.nbytes)
 
     def add_copy(self, info: TensorInfo, reader: _Reader) -> None:
-        reader.copy_range(info, self._data)
+        for chunk in reader.chunks(info):
+            with _writing(self.shown):
+                self._data.write(chunk)
         self._record(info.name, info.dtype, info.shape, info.nbytes)
 
     def finish(self) -> int:
@@ -312,20 +399,17 @@ class SafetensorsWriter:
         header = {"__metadata__": self.metadata, **self.header}
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent)
-        self._final_path = Path(tmp)
-        with os.fdopen(fd, "wb") as out:
+        self._final = OutputFile(self.dest, shown=self.shown)
+        with self._final.writing():
+            out = self._final.file
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             self._data.flush()
             self._data.seek(0)
             shutil.copyfileobj(self._data, out, _COPY_CHUNK)
-            out.flush()
-            os.fchmod(out.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
-            os.fsync(out.fileno())
         self._close_data()
-        os.replace(self._final_path, self.dest)
-        self._final_path = None
+        self._final.commit()
+        self._final = None
         return 8 + len(blob) + self.size
 
     def _close_data(self) -> None:
@@ -335,9 +419,9 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._close_data()
-        if self._final_path is not None:
-            _unlink(self._final_path)
-            self._final_path = None
+        if self._final is not None:
+            self._final.discard()
+            self._final = None
 
     def __enter__(self):
         return self
@@ -535,19 +619,13 @@ class Summary:
     ignored_files: list[str] = field(default_factory=list)
 
 
-def _check_output_parent(out: Path) -> None:
-    parent = out.parent
-    if not parent.exists():
-        raise ConvertError(f"cannot write {out}: folder {parent} does not exist")
-    if not parent.is_dir():
-        raise ConvertError(f"cannot write {out}: {parent} is not a folder")
-
-
-def _quantize_file(src: Path, dest: Path, opts: QuantOptions, progress: Progress, summary: Summary) -> dict[str, int]:
-    """Quantize one safetensors file into dest; returns {tensor name: bytes} of what was written."""
+def _quantize_file(src: Path, dest: Path, opts: QuantOptions, progress: Progress, summary: Summary,
+                   shown: Path) -> dict[str, int]:
+    """Quantize one safetensors file into dest (`shown` in errors); returns {tensor name: bytes}
+    of what was written."""
     infos, metadata = read_header(src)
     already = quantized_names(infos)
-    with _Reader(src) as reader, SafetensorsWriter(dest, metadata) as writer:
+    with _Reader(src) as reader, SafetensorsWriter(dest, metadata, shown) as writer:
         for info in infos:
             if is_eligible(info, opts, already):
                 w = reader.tensor(info.name)
@@ -577,37 +655,47 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, opts: Qu
         return _quantize_folder(source, out, opts, progress)
     if out.is_dir():
         out = out / source.path.name
-    _check_output_parent(out)
+    check_output_file(out)
     if out.exists() and out.resolve() == source.path.resolve():
         raise ConvertError(f"OUT is the input file {source.path}: choose another path")
-    summary = Summary(source, out)
     infos, _ = read_header(source.path)
+    summary = Summary(source, out)
     bar = Progress(sum(i.nbytes for i in infos), "quantize", progress)
     try:
-        _quantize_file(source.path, out, opts, bar, summary)
+        _quantize_file(source.path, out, opts, bar, summary, out)
     finally:
         bar.close()
     return summary
 
 
-def _quantize_folder(source: Source, out: Path, opts: QuantOptions, progress: bool | None) -> Summary:
-    _check_output_parent(out)
+def _check_output_folder(out: Path) -> None:
+    _check_parent(out)
     if out.exists():
         if not out.is_dir():
-            raise ConvertError(f"cannot write folder {out}: a file of that name exists")
+            raise ConvertError(f"cannot write {out}: it exists and is not a folder")
         if any(out.iterdir()):
             raise ConvertError(f"output folder {out} exists and is not empty")
-    config = None
-    if (source.path / CONFIG_NAME).is_file():
-        try:
-            config = json.loads((source.path / CONFIG_NAME).read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise TypeError
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
-            raise ConvertError(f"{source.path / CONFIG_NAME} is not a valid JSON config") from None
-        if "quantization_config" in config:
-            method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
-            raise ConvertError(f"{source.path} is already quantized (config.json has a quantization_config, quant_method {method!r})")
+
+
+def _read_config(source: Source) -> dict | None:
+    """config.json of a folder, refused when it says the checkpoint is quantized already."""
+    if not (source.path / CONFIG_NAME).is_file():
+        return None
+    try:
+        config = json.loads((source.path / CONFIG_NAME).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise TypeError
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        raise ConvertError(f"{source.path / CONFIG_NAME} is not a valid JSON config") from None
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+        raise ConvertError(f"{source.path} is already quantized (config.json has a quantization_config, quant_method {method!r})")
+    return config
+
+
+def _quantize_folder(source: Source, out: Path, opts: QuantOptions, progress: bool | None) -> Summary:
+    _check_output_folder(out)
+    config = _read_config(source)
     headers = {shard: read_header(source.shard_path(shard))[0] for shard in source.shards}
     if source.index is not None:
         names = {shard: {i.name for i in infos} for shard, infos in headers.items()}
@@ -615,41 +703,49 @@ def _quantize_folder(source: Source, out: Path, opts: QuantOptions, progress: bo
             if key not in names[shard]:
                 raise ConvertError(f"{source.path / INDEX_NAME} maps {key!r} to {shard}, which does not hold it")
     summary = Summary(source, out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    with _writing(out):
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     bar = Progress(sum(i.nbytes for infos in headers.values() for i in infos), "quantize", progress)
     try:
         weight_map, total = {}, 0
         for shard in source.shards:
-            written = _quantize_file(source.shard_path(shard), work / shard, opts, bar, summary)
+            written = _quantize_file(source.shard_path(shard), work / shard, opts, bar, summary, out / shard)
             weight_map.update({k: shard for k in written})
             total += sum(written.values())
-        if source.index is not None:
-            index = {k: v for k, v in source.index.items() if k != "weight_map"}
-            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            (work / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if config is not None:
-            config["quantization_config"] = opts.quantization_config(_skip_modules(summary))
-            (work / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            summary.config_written = True
-        for f in sorted(source.path.iterdir()):
-            if f.name in (INDEX_NAME, CONFIG_NAME) or f.name in source.shards:
-                continue
-            if f.is_file() and not f.name.lower().endswith(WEIGHT_SUFFIXES):
-                shutil.copyfile(f, work / f.name)
-                summary.other_files.append(f.name)
-            else:
-                summary.ignored_files.append(f.name + ("/" if f.is_dir() else ""))
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(work, out)
+        with _writing(out):
+            _finish_folder(source, work, out, opts, config, summary, weight_map, total)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         bar.close()
     return summary
+
+
+def _finish_folder(source: Source, work: Path, out: Path, opts: QuantOptions, config: dict | None, summary: Summary,
+                   weight_map: dict[str, str], total: int) -> None:
+    """Index, config and the other files into the work folder, then the work folder onto out."""
+    if source.index is not None:
+        index = {k: v for k, v in source.index.items() if k != "weight_map"}
+        index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        (work / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if config is not None:
+        config["quantization_config"] = opts.quantization_config(_skip_modules(summary))
+        (work / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        summary.config_written = True
+    for f in sorted(source.path.iterdir()):
+        if f.name in (INDEX_NAME, CONFIG_NAME) or f.name in source.shards:
+            continue
+        if f.is_file() and not f.name.lower().endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(f, work / f.name)
+            summary.other_files.append(f.name)
+        else:
+            summary.ignored_files.append(f.name + ("/" if f.is_dir() else ""))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
+    if out.exists():
+        out.rmdir()  # empty, checked before
+    os.rename(work, out)
 
 
 def _skip_modules(summary: Summary) -> list[str] | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .convert import output_folder
 from .nn import Linear4bit
 from .qlora import load_adapter, prepare_qlora, qlora_report, save_adapter
 
@@ -114,6 +115,7 @@ def _progress(step: int, total: int, loss: float) -> None:
 
 
 def run(steps: int = 300, out_dir: str = "demo-out", seed: int = 0) -> dict:
+    out = output_folder(out_dir)  # an unwritable out_dir fails now, not after minutes of training
     torch.manual_seed(seed)
     start = time.perf_counter()
     tokenizer, fp32_model = load_minilm()
@@ -160,8 +162,6 @@ def run(steps: int = 300, out_dir: str = "demo-out", seed: int = 0) -> dict:
         head_acc = float((head(embed(model, tokenizer, [s for s, _ in test]) * 10).argmax(1) == torch.tensor([y for _, y in test])).float().mean())
     print("   Loss curve (mean of each tenth of training): " + " ".join(f"{sum(c) / len(c):.3f}" for c in _tenths(losses)))
     print(f"   After fine-tuning: nearest-centroid accuracy {after:.3f}, classifier accuracy {head_acc:.3f}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plot = _plot_losses(losses, out / "loss.png")
     if plot:
         print(f"   Loss curve plot: {plot}")

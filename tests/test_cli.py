@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
-def run(*args, check=True):
+def cli_env() -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("NF4KERN_DEBUG", None)
+    return env
+
+
+def run(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "nf4kern.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+                          env=cli_env(), cwd=ROOT, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -241,40 +246,99 @@ def test_inspect_float_and_quantized(tmp_path, capsys):
     assert row[2:6] == ["nf4", "64", "off", "uint8"] and 4.5 < float(row[6]) < 4.7
 
 
-def _error_cases(tmp_path: Path):
-    good = tmp_path / "good.safetensors"
+def _error_cases(folder: Path):
+    good = folder / "good.safetensors"
     safetensors_torch.save_file(layer_tensors(6), good)
-    (tmp_path / "random.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    (tmp_path / "afile").write_text("")
-    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-100])
-    (tmp_path / "empty_dir").mkdir()
+    (folder / "random.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    (folder / "notes.txt").write_text("not a checkpoint\n")
+    (folder / "afile").write_text("")
+    (folder / "truncated.safetensors").write_bytes(good.read_bytes()[:-100])
+    (folder / "empty_dir").mkdir()
+    (folder / "model").mkdir()
+    safetensors_torch.save_file(layer_tensors(5), folder / "model" / "model.safetensors")
+    os.mkfifo(folder / "fifo")  # an OUT that exists but is not a regular file (like a device)
     nan = layer_tensors(7)
     nan["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
-    safetensors_torch.save_file(nan, tmp_path / "nan.safetensors")
+    safetensors_torch.save_file(nan, folder / "nan.safetensors")
     return {
-        "missing": ["quantize", tmp_path / "missing.safetensors", tmp_path / "o.safetensors"],
-        "random bytes": ["quantize", tmp_path / "random.safetensors", tmp_path / "o.safetensors"],
-        "text file": ["quantize", tmp_path / "notes.txt", tmp_path / "o.safetensors"],
-        "truncated": ["quantize", tmp_path / "truncated.safetensors", tmp_path / "o.safetensors"],
-        "folder without model": ["quantize", tmp_path / "empty_dir", tmp_path / "o"],
-        "file as a folder": ["quantize", good, tmp_path / "afile" / "o.safetensors"],
-        "missing parent": ["quantize", good, tmp_path / "nowhere" / "o.safetensors"],
-        "bad blocksize": ["quantize", good, tmp_path / "o.safetensors", "--blocksize", "100"],
-        "bad quant type": ["quantize", good, tmp_path / "o.safetensors", "--quant-type", "int4"],
-        "bad regex": ["quantize", good, tmp_path / "o.safetensors", "--skip", "("],
-        "nan weight": ["quantize", tmp_path / "nan.safetensors", tmp_path / "o.safetensors"],
-        "inspect random bytes": ["inspect", tmp_path / "random.safetensors"],
+        "missing": ["quantize", folder / "missing.safetensors", folder / "o.safetensors"],
+        "random bytes": ["quantize", folder / "random.safetensors", folder / "o.safetensors"],
+        "text file": ["quantize", folder / "notes.txt", folder / "o.safetensors"],
+        "truncated": ["quantize", folder / "truncated.safetensors", folder / "o.safetensors"],
+        "folder without model": ["quantize", folder / "empty_dir", folder / "o"],
+        "file as a folder": ["quantize", good, folder / "afile" / "o.safetensors"],
+        "file as a grandparent": ["quantize", good, folder / "afile" / "sub" / "o.safetensors"],
+        "missing parent": ["quantize", good, folder / "nowhere" / "o.safetensors"],
+        # Unwritable even for root (CI): /proc accepts no new files, and its folders are not created.
+        "out in /proc": ["quantize", good, "/proc/nf4kern-test.safetensors"],
+        "out in a missing /proc folder": ["quantize", good, "/proc/nf4kern-test/out.safetensors"],
+        "folder out in /proc": ["quantize", folder / "model", "/proc/nf4kern-test"],
+        "out is a fifo": ["quantize", good, folder / "fifo"],
+        "folder out is a fifo": ["quantize", folder / "model", folder / "fifo"],
+        "bad blocksize": ["quantize", good, folder / "o.safetensors", "--blocksize", "100"],
+        "bad quant type": ["quantize", good, folder / "o.safetensors", "--quant-type", "int4"],
+        "bad regex": ["quantize", good, folder / "o.safetensors", "--skip", "("],
+        "nan weight": ["quantize", folder / "nan.safetensors", folder / "o.safetensors"],
+        "inspect random bytes": ["inspect", folder / "random.safetensors"],
         "inspect bad top": ["inspect", good, "--top", "0"],
+        "plot in /proc": ["inspect", good, "--plot", "/proc/nf4kern-test.png"],
+        "plot is a fifo": ["inspect", good, "--plot", folder / "fifo"],
+        "demo out under a file": ["demo", "--out", folder / "afile" / "out"],
         "bench bad shape": ["bench", "--shapes", "4096"],
         "bench bad only": ["bench", "--only", "gemm"],
         "bench shapes for lora": ["bench", "--only", "lora", "--m", "8"],
     }
 
 
-# Run as the command; the other cases run through cli.main in this process (a subprocess each
-# would cost two seconds of imports).
-SUBPROCESS_CASES = ["random bytes", "file as a folder", "bad blocksize"]
+# Runs each case in its own process, forked from one that imported nf4kern once: a fresh
+# interpreter per case costs seconds of imports, and a second to shut down with torch loaded.
+# The child runs the module as `python -m nf4kern.cli` does, with stdout and stderr in files, and
+# ends as the interpreter would (SystemExit's code or message; a traceback and 1 for any other
+# exception), but through os._exit.
+_FORKING_RUNNER = """
+import json, os, runpy, sys, time
+import nf4kern.benchmarks, nf4kern.convert, nf4kern.demo  # what nf4kern.cli imports (not itself: runpy runs it)
+
+def run_cli(argv):
+    sys.argv = ["nf4kern", *argv]
+    try:
+        runpy.run_module("nf4kern.cli", run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        return 1
+
+streams, results = sys.argv[1], []
+for i, argv in enumerate(json.load(sys.stdin)):
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        for fd, suffix in ((1, "out"), (2, "err")):
+            os.dup2(os.open(os.path.join(streams, f"{i}.{suffix}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        status = run_cli(argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    results.append([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), time.monotonic() - start])
+print(json.dumps(results))
+"""
+
+
+def run_each(cases: dict[str, list], streams: Path) -> dict[str, tuple[int, str, float, str]]:
+    """{case: (exit status, stderr, seconds, stdout)} of the command line run once per case."""
+    streams.mkdir()
+    argvs = [[str(a) for a in args] for args in cases.values()]
+    proc = subprocess.run([sys.executable, "-c", _FORKING_RUNNER, str(streams)], input=json.dumps(argvs),
+                          capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    return {case: (status, (streams / f"{i}.err").read_text(), seconds, (streams / f"{i}.out").read_text())
+            for i, (case, (status, seconds)) in enumerate(zip(cases, results))}
 
 
 def _assert_clean_failure(returncode, stderr: str, before: set, folder: Path):
@@ -285,30 +349,34 @@ def _assert_clean_failure(returncode, stderr: str, before: set, folder: Path):
     assert {p.name for p in folder.iterdir()} == before  # no OUT, no temporaries
 
 
-def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
-    from nf4kern import cli
-
-    monkeypatch.delenv("NF4KERN_DEBUG", raising=False)
-    cases = _error_cases(tmp_path)
-    before = {p.name for p in tmp_path.iterdir()}
-    messages = {}
-    for case, args in cases.items():
-        if case in SUBPROCESS_CASES:
-            proc = run(*args, check=False)
-            returncode, stderr = proc.returncode, proc.stderr
-        else:
-            capsys.readouterr()
-            try:
-                returncode = cli.main([str(a) for a in args])
-            except SystemExit as e:  # argparse
-                returncode = e.code
-            stderr = capsys.readouterr().err
-        _assert_clean_failure(returncode, stderr, before, tmp_path)
-        messages[case] = stderr
+def test_errors_are_one_line_and_leave_nothing(tmp_path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    cases = _error_cases(folder)
+    before = {p.name for p in folder.iterdir()}
+    results = run_each(cases, tmp_path / "streams")
+    for case, (returncode, stderr, _, _) in results.items():
+        _assert_clean_failure(returncode, stderr, before, folder)
+        assert ".tmp" not in stderr, (case, stderr)  # errors name the user's path, not a temporary
+    messages = {case: stderr for case, (_, stderr, _, _) in results.items()}
     assert "nan" in messages["nan weight"].lower() and "truncated" in messages["truncated"]
     assert "not a safetensors file" in messages["random bytes"] and "not a safetensors file" in messages["text file"]
     assert "--blocksize" in messages["bad blocksize"] and "no such file" in messages["missing"]
     assert "NxK" in messages["bench bad shape"] and "--only" in messages["bench bad only"]
+    assert messages["file as a grandparent"].endswith(f"{folder / 'afile'} is not a folder\n")
+    assert messages["out in /proc"] == \
+        "nf4kern: error: cannot write /proc/nf4kern-test.safetensors: nothing can be created in /proc\n"
+    assert messages["out in a missing /proc folder"].endswith("folder /proc/nf4kern-test does not exist\n")
+    assert messages["folder out in /proc"] == "nf4kern: error: cannot write /proc/nf4kern-test: nothing can be created in /proc\n"
+    assert messages["out is a fifo"].endswith("it exists and is not a regular file\n")
+    assert messages["folder out is a fifo"].endswith("it exists and is not a folder\n")
+    assert messages["plot in /proc"].startswith("nf4kern: error: --plot: cannot write /proc/nf4kern-test.png")
+    assert messages["plot is a fifo"].startswith(f"nf4kern: error: --plot: cannot write {folder / 'fifo'}: it exists")
+    assert stat.S_ISFIFO((folder / "fifo").stat().st_mode)  # not replaced
+    # The demo checks --out before loading the model and training (minutes) and fails in one line.
+    assert messages["demo out under a file"] == \
+        f"nf4kern: error: cannot write {folder / 'afile' / 'out'}: {folder / 'afile'} is not a folder\n"
+    assert results["demo out under a file"][2] < 20
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -330,11 +398,11 @@ def test_failure_in_second_shard_leaves_no_folder(tmp_path, capsys):
     tensors = shards[second]
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
     safetensors_torch.save_file(tensors, tmp_path / "in" / second)
-    proc = run("quantize", tmp_path / "in", tmp_path / "out", check=False)
-    _assert_clean_failure(proc.returncode, proc.stderr, {"in"}, tmp_path)
-    # An existing non-empty OUT folder is refused, and left as it was.
     from nf4kern import cli
 
+    status = cli.main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")])
+    _assert_clean_failure(status, capsys.readouterr().err, {"in"}, tmp_path)
+    # An existing non-empty OUT folder is refused, and left as it was.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     capsys.readouterr()
