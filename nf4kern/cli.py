@@ -112,10 +112,18 @@ def quantize(args) -> int:
     opts = _options(args)
     summary = convert.quantize_checkpoint(args.input, args.output, opts, progress=False if args.no_progress else None)
     src = summary.source
+    _warn_if_config_unused(summary.selection)
     print(f"nf4kern quantize: {src.path} -> {summary.out}")
     print(f"  format: {opts.describe()}, compute dtype {opts.compute_dtype}")
+    print(f"  weights quantized: {summary.selection.describe()}")
     shards = f" in {len(src.shards)} shards" if len(src.shards) > 1 else ""
-    print(f"  tensors: {len(summary.quantized)} quantized, {summary.copied} copied unchanged{shards}")
+    transposed = sum(t.transposed for t in summary.quantized)
+    conv1d = f" ({transposed} Conv1D, transposed to [out, in])" if transposed else ""
+    print(f"  tensors: {len(summary.quantized)} quantized{conv1d}, {summary.copied} copied unchanged{shards}")
+    if summary.not_in_model:
+        names = ", ".join(summary.not_in_model[:5]) + (", ..." if len(summary.not_in_model) > 5 else "")
+        _warn(f"{summary.selection.model.name}, built from config.json, has no parameter of the name and shape of "
+              f"{len(summary.not_in_model)} 2-D weight(s), copied unchanged: {names}")
     ratio = summary.bytes_out / summary.bytes_in if summary.bytes_in else 0.0
     print(f"  size: {convert.human_bytes(summary.bytes_in)} -> {convert.human_bytes(summary.bytes_out)} ({ratio:.1%}; "
           f"{summary.bytes_in} -> {summary.bytes_out} bytes)")
@@ -125,7 +133,7 @@ def quantize(args) -> int:
         if summary.ignored_files:
             print(f"  not copied (other weight formats or folders): {', '.join(summary.ignored_files)}")
     if not summary.quantized:
-        print("  no eligible tensors (floating 2-D '.weight' not matching --skip): nothing was quantized")
+        print("  no eligible tensors: nothing was quantized")
         return 0
     params = sum(math.prod(t.shape) for t in summary.quantized)
     stored = sum(t.stored_bytes for t in summary.quantized)
@@ -137,6 +145,16 @@ def quantize(args) -> int:
         print(f"  {t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5} {_fmt_db(t.stats.sqnr_db)}")
     print(f"\n  SQNR dB: {_sqnr_summary(summary.quantized)}")
     return 0
+
+
+def _warn_if_config_unused(selection) -> None:
+    if selection.config_unused:
+        _warn(f"weights chosen by name, not by model ({selection.why_by_name}); transformers may not load the "
+              "result as intended")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"nf4kern: warning: {' '.join(message.split())}\n")
 
 
 def _sqnr_summary(reports) -> str:
@@ -185,7 +203,9 @@ def _inspect(args, opts, plot) -> int:
     from . import convert
 
     report = convert.inspect_checkpoint(args.file, opts, bins=80 if plot else 0, progress=False if args.no_progress else None)
+    _warn_if_config_unused(report.selection)
     print(f"nf4kern inspect: {report.source.path} ({opts.describe()})")
+    print(f"weights inspected: {report.selection.describe()}")
     rows = report.errors
     if args.top is not None:
         rows = sorted(rows, key=lambda t: t.stats.sqnr_db)[: args.top]
@@ -213,8 +233,8 @@ def _inspect(args, opts, plot) -> int:
             print(f"{q.name:{width}} {_shape(q.shape):>14} {q.quant_type:>4} {q.blocksize:5d} "
                   f"{'on' if q.nested else 'off':>3} {q.storage:>8} {q.bits_per_param:10.3f}")
     if not rows and not report.quantized:
-        print("no eligible tensors (floating 2-D '.weight' not matching --skip) and no quantized ones")
-    print(f"not inspected: {report.not_eligible} tensors (not 2-D floating '.weight', or matching --skip)")
+        print("no eligible tensors and no quantized ones")
+    print(f"not inspected: {report.not_eligible} tensors (quantize would copy them unchanged)")
     if plot is not None:
         if not rows:
             raise convert.ConvertError("--plot: no float tensors were quantized, nothing to plot")
@@ -271,8 +291,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quant_arguments(p: argparse.ArgumentParser, compute_dtype: bool) -> None:
-    from .convert import DEFAULT_SKIP
-
     p.add_argument("--blocksize", type=int, default=64, choices=cb.BLOCKSIZES, metavar="N",
                    help=f"elements per absmax block, one of {', '.join(map(str, cb.BLOCKSIZES))} (default 64)")
     p.add_argument("--quant-type", choices=cb.QUANT_TYPES, default="nf4", help="4-bit format (default nf4)")
@@ -282,8 +300,9 @@ def _quant_arguments(p: argparse.ArgumentParser, compute_dtype: bool) -> None:
     if compute_dtype:
         p.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                        help="bnb_4bit_compute_dtype written to config.json (default bfloat16)")
-    p.add_argument("--skip", default=DEFAULT_SKIP, metavar="REGEX",
-                   help="tensors whose name matches are not quantized (default: embeddings, lm_head, norms)")
+    p.add_argument("--skip", metavar="REGEX",
+                   help="tensors whose name matches are not quantized either (default: none with a model's "
+                   "config.json; by name, it replaces the default: embeddings, lm_head, norms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
 
 
@@ -297,9 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--size", type=int, default=1024, help="side of the square example weights")
     p_quant = commands.add_parser(
         "quantize", help="quantize a float safetensors checkpoint to bitsandbytes' 4-bit layout",
-        description="Quantize every eligible weight (floating, 2-D, named '*.weight', not matching --skip) of a "
-        "safetensors file or a Hugging Face folder (model.safetensors or sharded with an index) to 4 bits with "
-        "bitsandbytes' keys; other tensors are copied unchanged. A folder gets config.json's quantization_config.",
+        description="Quantize the eligible weights of a safetensors file or a Hugging Face folder (model.safetensors "
+        "or sharded with an index) to 4 bits with bitsandbytes' keys; other tensors are copied unchanged. A folder "
+        "gets config.json's quantization_config. Eligible, for a folder whose config.json transformers can build: "
+        "the weights of the modules transformers' bitsandbytes 4-bit loading turns into Linear4bit (nn.Linear; "
+        "Conv1D, as in GPT-2, transposed), not output embeddings (lm_head), tied weights or _keep_in_fp32_modules. "
+        "Otherwise (a lone .safetensors file, no config.json, transformers missing): chosen by name, every floating "
+        "2-D '*.weight' but embeddings, lm_head and norms, which cannot tell Conv1D or other non-Linear 2-D "
+        "weights from Linear ones.",
     )
     p_quant.add_argument("input", metavar="IN", help="a .safetensors file or a Hugging Face model folder")
     p_quant.add_argument("output", metavar="OUT", help="output file (for a file IN) or folder (for a folder IN)")

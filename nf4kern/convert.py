@@ -3,7 +3,10 @@
 `quantize_checkpoint` reads a float safetensors file, or a Hugging Face folder (one
 model.safetensors, or shards listed in model.safetensors.index.json), one tensor at a time and
 writes the same checkpoint with every eligible weight replaced by the entries bitsandbytes and
-transformers save for a 4-bit Linear: `<name>` (packed codes), `<name>.absmax`,
+transformers save for a 4-bit Linear. For a folder whose config.json transformers can build (on
+the meta device: no weights), the eligible weights are those of the modules transformers'
+bitsandbytes 4-bit loading turns into Linear4bit, GPT-2's Conv1D ones transposed as it expects;
+otherwise they are chosen by name (`Selection`). The entries: `<name>` (packed codes), `<name>.absmax`,
 `<name>.quant_map`, [`<name>.nested_absmax`, `<name>.nested_quant_map`] and
 `<name>.quant_state.bitsandbytes__<type>`. Memory stays near the size of one tensor: tensors
 are copied or quantized into a data file as they are read, and the output file (header + data)
@@ -17,6 +20,7 @@ describes the tensors that are already in bitsandbytes' layout.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import json
 import math
@@ -27,10 +31,12 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import codebook as cb
 from .checkpoint import is_quant_state_key
@@ -41,8 +47,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-# Tensors transformers leaves in the load dtype: embeddings (not nn.Linear), the output head
-# (lm_head, kept in full precision) and norms (1-D, but some models have 2-D norm weights).
+# Without a model to tell module types, the tensors transformers leaves in the load dtype are
+# guessed by name: embeddings (not nn.Linear), the output head (lm_head, kept in full precision)
+# and norms (1-D, but some models have 2-D norm weights).
 DEFAULT_SKIP = r"(^|\.)(lm_head|[^.]*embed[^.]*|wte|wpe|[^.]*norm[^.]*|ln_[^.]*)(\.|$)"
 
 # safetensors dtype name -> bytes per element (sub-byte and unknown types are copied unchecked).
@@ -77,7 +84,7 @@ class QuantOptions:
     double_quant: bool = True
     quant_storage: str = "uint8"
     compute_dtype: str = "bfloat16"
-    skip: str = DEFAULT_SKIP
+    skip: str | None = None  # tensors never quantized; None: none with a model, DEFAULT_SKIP by name
 
     def __post_init__(self):
         if self.blocksize not in cb.BLOCKSIZES:
@@ -89,7 +96,7 @@ class QuantOptions:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConvertError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         try:
-            self.skip_re = re.compile(self.skip)
+            self.skip_re = re.compile(self.skip) if self.skip is not None else None
         except re.error as e:
             raise ConvertError(f"--skip is not a valid regular expression ({e}): {self.skip!r}") from None
 
@@ -566,7 +573,7 @@ def error_stats(w: torch.Tensor, w_hat: torch.Tensor, outlier_std: float | None 
     )
 
 
-# -- quantizing -----------------------------------------------------------------------------------
+# -- tensors that can be quantized ----------------------------------------------------------------
 
 
 def quantized_names(infos: list[TensorInfo]) -> set[str]:
@@ -579,10 +586,157 @@ def is_candidate(info: TensorInfo) -> bool:
     return info.name.endswith(".weight") and info.dtype in FLOAT_DTYPES and len(info.shape) == 2 and info.numel > 0
 
 
-def is_eligible(info: TensorInfo, opts: QuantOptions, already: set[str]) -> bool:
-    if info.name in already or is_quant_state_key(info.name):
-        return False
-    return is_candidate(info) and not opts.skip_re.search(info.name)
+# -- which weights are quantized ------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    COPY = "copy"  # not a weight that is quantized: copied unchanged
+    QUANTIZE = "quantize"
+    TRANSPOSE = "transpose"  # a Conv1D weight, stored [in, out]: quantized as [out, in], like a Linear's
+    HELD_BACK = "held back"  # would be quantized, but the skip pattern matches its name
+    NOT_IN_MODEL = "not in model"  # a 2-D weight the model built from config.json has no parameter (of its shape) for
+
+
+@dataclass
+class ModelRule:
+    """What transformers' bitsandbytes 4-bit loading (transformers 5) does with a model class,
+    read off a weightless instance of it: which modules become Linear4bit."""
+
+    name: str  # the model class
+    prefix: str  # base_model_prefix: a checkpoint may carry it or not
+    params: dict[str, tuple]  # parameter name -> shape, tied ones under each of their names
+    linear: dict[str, bool]  # module -> its weight is stored [in, out] (Conv1D), for the modules converted
+    not_converted: list[str]  # transformers' default skips: output embeddings, tied weights, last parameter
+
+    def param_of(self, key: str, shape: tuple) -> str | None:
+        """The model's parameter for a checkpoint tensor: same name, with or without the base-model
+        prefix, and same shape (else config.json does not describe this checkpoint)."""
+        names = [key]
+        if self.prefix:
+            names += [f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")]
+        return next((n for n in names if self.params.get(n) == shape), None)
+
+
+def _matches_module(name: str, patterns) -> bool:
+    """transformers' test for modules_to_not_convert: a pattern (a regex) matching from the start
+    of the name up to a '.' or its end, or the name ending with the pattern."""
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
+
+
+def _rule_of(model: nn.Module, conv1d: type) -> ModelRule:
+    """transformers converts each module that is exactly nn.Linear, or a Conv1D, unless it is the
+    output embedding, holds a tied weight or the last parameter (its defaults when the config lists
+    no llm_int8_skip_modules), or is in _keep_in_fp32_modules."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names_of: dict[int, list[str]] = {}
+    for name, p in params.items():
+        names_of.setdefault(id(p), []).append(name)
+    tied = [n for names in names_of.values() if len(names) > 1 for n in names]
+    last = [name for name, _ in model.named_parameters()][-1:]
+    output = model.get_output_embeddings()
+    output_names = [name for name, m in model.named_modules() if output is not None and m is output]
+    not_converted = sorted({n.removesuffix(".weight") for n in tied + last} | set(output_names))
+    keep = not_converted + list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    linear = {
+        name: isinstance(m, conv1d)
+        for name, m in model.named_modules()
+        if (type(m) is nn.Linear or isinstance(m, conv1d)) and not _matches_module(name, keep)
+    }
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    return ModelRule(type(model).__name__, prefix, shapes, linear, not_converted)
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """Config and model construction log warnings (token ids, defaults) irrelevant here."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def model_rule(folder: Path) -> tuple[ModelRule | None, str]:
+    """The rule for the model folder/config.json describes (its first architecture transformers
+    knows, else AutoModel), built on the meta device; or None and why not."""
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None, "transformers is not installed"
+    try:
+        with _quiet(transformers), torch.device("meta"):
+            # Never a model's own code (auto_map): no prompt, nothing run; such a model is not known.
+            config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            known = [getattr(transformers, a, None) for a in getattr(config, "architectures", None) or ()]
+            classes = [c for c in known if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)]
+            model = classes[0](config) if classes else transformers.AutoModel.from_config(config, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure of config parsing or a model's constructor: fall back to names
+        first_line = next(iter(str(e).splitlines()), "")
+        return None, f"transformers cannot build the model of {folder / CONFIG_NAME} ({type(e).__name__}: {first_line})"
+    return _rule_of(model, Conv1D), ""
+
+
+@dataclass
+class Selection:
+    """Which tensors are quantized. With a model rule: the weights of the modules transformers
+    loads as Linear4bit, less those `skip` matches. Without (`why_by_name` says why): every
+    floating 2-D '*.weight' whose name `skip` does not match."""
+
+    skip: re.Pattern | None
+    model: ModelRule | None = None
+    why_by_name: str = ""
+    config_unused: bool = False  # by name although a config.json is there: the output may not load right
+
+    def choose(self, info: TensorInfo, already: set[str]) -> tuple[Action, str]:
+        """What to do with a tensor, and its module (the model's name for it when there is a model)."""
+        if info.name in already or is_quant_state_key(info.name) or not is_candidate(info):
+            return Action.COPY, ""
+        if self.model is None:
+            module = info.name.removesuffix(".weight")
+            return (Action.HELD_BACK if self.skip.search(info.name) else Action.QUANTIZE), module
+        param = self.model.param_of(info.name, info.shape)
+        if param is None:
+            return Action.NOT_IN_MODEL, info.name.removesuffix(".weight")
+        module = param.removesuffix(".weight")
+        if module not in self.model.linear:
+            return Action.COPY, module
+        if self.skip is not None and self.skip.search(info.name):
+            return Action.HELD_BACK, module
+        return (Action.TRANSPOSE if self.model.linear[module] else Action.QUANTIZE), module
+
+    def describe(self) -> str:
+        skip = f", nor names matching --skip {self.skip.pattern!r}" if self.skip is not None else ""
+        if self.model is not None:
+            return (f"those transformers loads as Linear4bit in {self.model.name} (from config.json): nn.Linear, and "
+                    f"Conv1D transposed; not output embeddings, tied weights or _keep_in_fp32_modules{skip}")
+        rule = ("names matching --skip" if self.skip.pattern != DEFAULT_SKIP else
+                "embeddings, lm_head, norms")
+        return (f"by name ({self.why_by_name}): floating 2-D '*.weight' except {rule}; "
+                "Conv1D and other non-Linear 2-D weights are not recognised")
+
+
+def select(source: Source, opts: QuantOptions) -> Selection:
+    """The selection for a source: by module type when it is a folder whose config.json builds."""
+    by_name = opts.skip_re or re.compile(DEFAULT_SKIP)
+    if not source.folder:
+        if (source.path.parent / CONFIG_NAME).is_file():
+            return Selection(by_name, why_by_name="IN is a file: give its folder to use the config.json beside it",
+                             config_unused=True)
+        return Selection(by_name, why_by_name="no config.json")
+    if not (source.path / CONFIG_NAME).is_file():
+        return Selection(by_name, why_by_name="no config.json")
+    rule, why = model_rule(source.path)
+    if rule is None:
+        return Selection(by_name, why_by_name=why, config_unused=True)
+    return Selection(opts.skip_re, rule)
+
+
+# -- quantizing -----------------------------------------------------------------------------------
 
 
 def quantize_entries(name: str, w: torch.Tensor, opts: QuantOptions) -> tuple[dict[str, torch.Tensor], QuantState, torch.Tensor]:
@@ -603,17 +757,20 @@ class TensorReport:
     dtype: str
     stats: ErrorStats
     stored_bytes: int  # all entries written for it
+    transposed: bool = False  # a Conv1D weight, quantized as [out, in] (shape is that)
 
 
 @dataclass
 class Summary:
     source: Source
     out: Path
+    selection: Selection
     bytes_in: int = 0
     bytes_out: int = 0
     copied: int = 0
     quantized: list[TensorReport] = field(default_factory=list)
-    skipped_modules: list[str] = field(default_factory=list)
+    skipped_modules: list[str] = field(default_factory=list)  # held back by the skip pattern
+    not_in_model: list[str] = field(default_factory=list)  # 2-D weights the model has no place for
     config_written: bool = False
     other_files: list[str] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
@@ -627,18 +784,24 @@ def _quantize_file(src: Path, dest: Path, opts: QuantOptions, progress: Progress
     already = quantized_names(infos)
     with _Reader(src) as reader, SafetensorsWriter(dest, metadata, shown) as writer:
         for info in infos:
-            if is_eligible(info, opts, already):
+            action, module = summary.selection.choose(info, already)
+            if action in (Action.QUANTIZE, Action.TRANSPOSE):
                 w = reader.tensor(info.name)
+                if action is Action.TRANSPOSE:
+                    w = w.t()
                 entries, state, packed = quantize_entries(info.name, w, opts)
                 stats = error_stats(w, dequantize_4bit(packed, state), outlier_std=None)
                 for key, t in entries.items():
                     writer.add_tensor(key, t)
                 stored = sum(t.numel() * t.element_size() for t in entries.values())
-                summary.quantized.append(TensorReport(info.name, info.shape, info.dtype, stats, stored))
+                summary.quantized.append(TensorReport(info.name, tuple(w.shape), info.dtype, stats, stored,
+                                                      action is Action.TRANSPOSE))
                 del w, entries, packed, state
             else:
-                if is_candidate(info) and info.name not in already:
-                    summary.skipped_modules.append(info.name.removesuffix(".weight"))
+                if action is Action.HELD_BACK:
+                    summary.skipped_modules.append(module)
+                elif action is Action.NOT_IN_MODEL:
+                    summary.not_in_model.append(info.name)
                 writer.add_copy(info, reader)
                 summary.copied += 1
             progress.update(info.nbytes, info.name)
@@ -659,7 +822,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, opts: Qu
     if out.exists() and out.resolve() == source.path.resolve():
         raise ConvertError(f"OUT is the input file {source.path}: choose another path")
     infos, _ = read_header(source.path)
-    summary = Summary(source, out)
+    summary = Summary(source, out, select(source, opts))
     bar = Progress(sum(i.nbytes for i in infos), "quantize", progress)
     try:
         _quantize_file(source.path, out, opts, bar, summary, out)
@@ -702,7 +865,7 @@ def _quantize_folder(source: Source, out: Path, opts: QuantOptions, progress: bo
         for key, shard in source.index["weight_map"].items():
             if key not in names[shard]:
                 raise ConvertError(f"{source.path / INDEX_NAME} maps {key!r} to {shard}, which does not hold it")
-    summary = Summary(source, out)
+    summary = Summary(source, out, select(source, opts))
     with _writing(out):
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     bar = Progress(sum(i.nbytes for infos in headers.values() for i in infos), "quantize", progress)
@@ -749,9 +912,13 @@ def _finish_folder(source: Source, work: Path, out: Path, opts: QuantOptions, co
 
 
 def _skip_modules(summary: Summary) -> list[str] | None:
-    """llm_int8_skip_modules: null (transformers' defaults: lm_head, tied and last modules) when
-    only the default skip pattern held weights back; else every module left unquantized, since
-    a list replaces transformers' defaults, and "lm_head" in case it is tied (absent here)."""
+    """llm_int8_skip_modules: null (transformers' defaults) unless the skip pattern held back
+    weights transformers would quantize; then a list, which replaces transformers' defaults, so
+    it holds them too. By name, the defaults are unknown: every module left unquantized, and
+    "lm_head" in case it is tied (absent here)."""
+    model = summary.selection.model
+    if model is not None:
+        return sorted(set(model.not_converted) | set(summary.skipped_modules)) if summary.skipped_modules else None
     default = re.compile(DEFAULT_SKIP)
     if all(default.search(m + ".weight") for m in summary.skipped_modules):
         return None
@@ -776,6 +943,7 @@ class QuantizedInfo:
 @dataclass
 class InspectReport:
     source: Source
+    selection: Selection
     errors: list[TensorReport] = field(default_factory=list)
     quantized: list[QuantizedInfo] = field(default_factory=list)
     not_eligible: int = 0
@@ -784,7 +952,7 @@ class InspectReport:
 def inspect_checkpoint(path: str | os.PathLike, opts: QuantOptions, bins: int = 0, progress: bool | None = None) -> InspectReport:
     source = resolve_input(path)
     headers = {shard: read_header(source.shard_path(shard))[0] for shard in source.shards}
-    report = InspectReport(source)
+    report = InspectReport(source, select(source, opts))
     total = sum(i.nbytes for infos in headers.values() for i in infos if is_candidate(i))
     bar = Progress(total, "inspect", progress)
     try:
@@ -795,14 +963,18 @@ def inspect_checkpoint(path: str | os.PathLike, opts: QuantOptions, bins: int = 
                 for name in sorted(already):
                     report.quantized.append(_describe_quantized(name, by_name, reader))
                 for info in infos:
-                    if is_eligible(info, opts, already):
+                    action, _ = report.selection.choose(info, already)
+                    if action in (Action.QUANTIZE, Action.TRANSPOSE):
                         w = reader.tensor(info.name)
+                        if action is Action.TRANSPOSE:
+                            w = w.t()
                         _, state, packed = quantize_entries(info.name, w, opts)
                         stats = error_stats(w, dequantize_4bit(packed, state), bins=bins)
                         stored = packed.numel() * packed.element_size() + sum(
                             t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)
                         )
-                        report.errors.append(TensorReport(info.name, info.shape, info.dtype, stats, stored))
+                        report.errors.append(TensorReport(info.name, tuple(w.shape), info.dtype, stats, stored,
+                                                          action is Action.TRANSPOSE))
                         bar.update(info.nbytes, info.name)
                         del w, packed, state
                     elif info.name not in already and not is_quant_state_key(info.name):

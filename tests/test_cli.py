@@ -122,7 +122,8 @@ def make_sharded(folder: Path) -> dict:
         weight_map.update(dict.fromkeys(tensors, shard))
     index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    # A model type transformers does not know: weights are chosen by name.
+    (folder / "config.json").write_text(json.dumps({"model_type": "nf4kern-test", "hidden_size": 64}))
     (folder / "tokenizer.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"not copied")
     return shards
@@ -131,7 +132,8 @@ def make_sharded(folder: Path) -> dict:
 def test_quantize_sharded_folder(tmp_path):
     shards = make_sharded(tmp_path / "in")
     proc = run("quantize", tmp_path / "in", tmp_path / "out", "--compute-dtype", "float16")
-    assert "in 2 shards" in proc.stdout
+    assert "in 2 shards" in proc.stdout and "by name (transformers cannot build the model" in proc.stdout
+    assert proc.stderr.startswith("nf4kern: warning: weights chosen by name") and len(proc.stderr.splitlines()) == 1
     out_dir = tmp_path / "out"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted([*shards, "model.safetensors.index.json", "config.json",
                                                                "tokenizer.json"])
@@ -219,6 +221,87 @@ def test_tiny_llama_round_trip(tmp_path):
     assert torch.equal(model.lm_head.weight, theirs["lm_head.weight"])
 
 
+def tiny_transformers_model(kind: str, folder: Path):
+    """A tiny random GPT-2 (Conv1D layers, stored [in, out]) or T5 (embeddings shaped like
+    Linear weights, `wo` kept in float32) saved by transformers; its class and example inputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=32,
+                                         bos_token_id=0, eos_token_id=0)
+        cls, inputs = transformers.GPT2LMHeadModel, {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])}
+    else:
+        config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1,
+                                       num_heads=2, decoder_start_token_id=0)
+        cls, inputs = transformers.T5ForConditionalGeneration, {"input_ids": torch.tensor([[1, 2, 3, 4, 5]]),
+                                                                 "decoder_input_ids": torch.tensor([[0, 6, 7]])}
+    cls(config).save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file()
+    return cls, inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """{kind: (folder, class, inputs, (exit status, stderr, seconds, stdout) of quantizing it into
+    folder/q)} for the tiny GPT-2 and T5, and "gpt2 --skip c_fc" into gpt2/q-skip, quantized by one
+    runner that imported transformers once."""
+    root = tmp_path_factory.mktemp("tiny")
+    models = {kind: (root / kind, *tiny_transformers_model(kind, root / kind / "float")) for kind in ("gpt2", "t5")}
+    cases = {kind: ["quantize", folder / "float", folder / "q", "--compute-dtype", "float32"]
+             for kind, (folder, _, _) in models.items()}
+    cases["gpt2 --skip c_fc"] = ["quantize", root / "gpt2" / "float", root / "gpt2" / "q-skip", "--skip", r"\.c_fc\."]
+    results = run_each(cases, root / "streams", preload=["transformers"])
+    models["gpt2 --skip c_fc"] = models["gpt2"]
+    return {kind: (*models[kind], results[kind]) for kind in models}
+
+
+@pytest.mark.parametrize("kind, quantized, transposed", [("gpt2", 4, 4), ("t5", 14, 0)])
+def test_transformers_loads_what_bitsandbytes_would_quantize(tiny_models, kind, quantized, transposed):
+    """`nf4kern quantize` of a transformers folder quantizes exactly the modules transformers loads
+    as Linear4bit (GPT-2's Conv1D transposed; not T5's embeddings or its float32 `wo`), and the
+    model loaded from it computes what the float model quantized by bitsandbytes at load does."""
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    folder, cls, inputs, (status, stderr, _, stdout) = tiny_models[kind]
+    assert status == 0 and not stderr, stderr
+    assert f"in {cls.__name__} (from config.json)" in stdout
+    assert f"{quantized} quantized" + (f" ({transposed} Conv1D" if transposed else ",") in stdout
+
+    ours = cls.from_pretrained(folder / "q", device_map="cpu").eval()
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                             bnb_4bit_compute_dtype=torch.float32)
+    theirs = cls.from_pretrained(folder / "float", device_map="cpu", quantization_config=config).eval()
+    fp32 = cls.from_pretrained(folder / "float").eval()
+    linear4bit = {n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert {n for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)} == linear4bit
+    out = safetensors_torch.load_file(folder / "q" / "model.safetensors")
+    assert {k.removesuffix(".weight") for k in quantized_entries(out)} == linear4bit and len(linear4bit) == quantized
+    with torch.no_grad():
+        logits = [m(**inputs).logits.float() for m in (ours, theirs, fp32)]
+    nf4_error = (logits[1] - logits[2]).abs().max()
+    # The same codes up to the nested absmax (bitsandbytes' CPU lookup table): far below the NF4
+    # error itself. A weight quantized in the wrong orientation gives several times the NF4 error.
+    assert nf4_error > 0 and (logits[0] - logits[1]).abs().max() <= 0.1 * nf4_error
+
+
+def test_skip_with_a_model_lists_what_transformers_must_not_convert(tiny_models):
+    """--skip holds back a module transformers would convert: config.json then lists it, with
+    transformers' own defaults (a list replaces them), and transformers loads it as a float Conv1D."""
+    bnb = pytest.importorskip("bitsandbytes")
+    folder, cls, inputs, (status, stderr, _, stdout) = tiny_models["gpt2 --skip c_fc"]
+    assert status == 0 and not stderr, stderr
+    assert "3 quantized (3 Conv1D" in stdout
+    skip = json.loads((folder / "q-skip" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert skip == ["lm_head", "transformer.h.0.mlp.c_fc", "transformer.ln_f.bias", "transformer.wte"]
+    model = cls.from_pretrained(folder / "q-skip", device_map="cpu").eval()
+    fp32 = cls.from_pretrained(folder / "float").eval()
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert not isinstance(c_fc, bnb.nn.Linear4bit) and torch.equal(c_fc.weight, fp32.transformer.h[0].mlp.c_fc.weight)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 3 and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        assert (model(**inputs).logits - fp32(**inputs).logits).abs().max() < 0.1
+
+
 def test_inspect_float_and_quantized(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     tensors = layer_tensors(4)
@@ -290,14 +373,17 @@ def _error_cases(folder: Path):
     }
 
 
-# Runs each case in its own process, forked from one that imported nf4kern once: a fresh
-# interpreter per case costs seconds of imports, and a second to shut down with torch loaded.
+# Runs each case in its own process, forked from one that imported nf4kern (and the modules named
+# after its first argument) once: a fresh interpreter per case costs seconds of imports, and a
+# second to shut down with torch loaded.
 # The child runs the module as `python -m nf4kern.cli` does, with stdout and stderr in files, and
 # ends as the interpreter would (SystemExit's code or message; a traceback and 1 for any other
 # exception), but through os._exit.
 _FORKING_RUNNER = """
-import json, os, runpy, sys, time
+import importlib, json, os, runpy, sys, time
 import nf4kern.benchmarks, nf4kern.convert, nf4kern.demo  # what nf4kern.cli imports (not itself: runpy runs it)
+for name in sys.argv[2:]:
+    importlib.import_module(name)
 
 def run_cli(argv):
     sys.argv = ["nf4kern", *argv]
@@ -329,11 +415,11 @@ print(json.dumps(results))
 """
 
 
-def run_each(cases: dict[str, list], streams: Path) -> dict[str, tuple[int, str, float, str]]:
+def run_each(cases: dict[str, list], streams: Path, preload=()) -> dict[str, tuple[int, str, float, str]]:
     """{case: (exit status, stderr, seconds, stdout)} of the command line run once per case."""
     streams.mkdir()
     argvs = [[str(a) for a in args] for args in cases.values()]
-    proc = subprocess.run([sys.executable, "-c", _FORKING_RUNNER, str(streams)], input=json.dumps(argvs),
+    proc = subprocess.run([sys.executable, "-c", _FORKING_RUNNER, str(streams), *preload], input=json.dumps(argvs),
                           capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
