@@ -1,10 +1,12 @@
 """`nf4kern quantize` and `nf4kern inspect`, run as the command on real files."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -522,6 +524,67 @@ def test_interrupt_cleans_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(convert, "quantize_entries", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli.main(["quantize", str(tmp_path / "in" / "model-00001-of-00002.safetensors"), str(tmp_path / "o2.safetensors")]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.safetensors"]
+
+
+def _read_terminal(master: int) -> str:
+    """All a child wrote to the terminal, until it closed it."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: every end of the terminal's other side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return b"".join(chunks).decode()
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """With stderr on a terminal, quantize draws a progress bar there (tqdm's, told to redraw on
+    every update, or nf4kern's) that reaches 100% and is cleared at the end; stdout is unchanged."""
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    termios = pytest.importorskip("termios")
+    safetensors_torch.save_file(layer_tensors(10), tmp_path / "in.safetensors")
+    try:
+        master, terminal = pty.openpty()
+    except OSError as e:
+        pytest.skip(f"no pseudo-terminal: {e}")
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing 0 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "nf4kern.cli", "quantize", tmp_path / "in.safetensors", tmp_path / "o.safetensors"],
+                            stdout=subprocess.PIPE, stderr=terminal, env={**cli_env(), "TQDM_MININTERVAL": "0"}, cwd=ROOT)
+    os.close(terminal)
+    drawn = _read_terminal(master)
+    stdout = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0 and "3 quantized" in stdout
+    assert "quantize" in drawn and "100%" in drawn and "Traceback" not in drawn
+    assert drawn.rstrip(" ").endswith("\r"), repr(drawn[-80:])  # the bar's line is cleared
+
+
+def test_fallback_progress_bar(monkeypatch):
+    """Without tqdm: one line redrawn in place at most every 0.1 s and at the end, cleared on close;
+    nothing at all when disabled."""
+    from nf4kern.convert import Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet = Progress(300, "quantize", enabled=False)
+    quiet.update(300, "a.weight")
+    quiet.close()
+    assert sys.stderr.getvalue() == ""
+    bar = Progress(3 * 1024, "quantize", enabled=True)
+    bar.update(1024, "model.layers.0.q_proj.weight")
+    first = sys.stderr.getvalue()
+    assert first.startswith("\rquantize [##########                    ]  33% 1.00 KB/3.00 KB model.layers.0.q_proj.weight")
+    bar.update(1024, "b.weight")  # within 0.1 s of the last draw: not drawn
+    assert sys.stderr.getvalue() == first
+    bar.update(1024, "c.weight")  # the end is always drawn
+    last = sys.stderr.getvalue()[len(first):]
+    assert last.startswith("\rquantize [" + "#" * 30 + "] 100% 3.00 KB/3.00 KB c.weight")
+    bar.close()
+    assert sys.stderr.getvalue()[len(first) + len(last):] == "\r" + " " * 120 + "\r"
 
 
 def test_programming_errors_are_not_swallowed(tmp_path, monkeypatch):
