@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import nf4kern
 from nf4kern import codebook as cb
 from nf4kern import reference
 from nf4kern.kernels import quant
@@ -19,6 +20,7 @@ from tests.conftest import DTYPES
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 BLOCKSIZES = (32, 64, 256, 4096)
+MIDDLE_BLOCKSIZES = (128, 512, 1024, 2048)  # fewer sizes: BLOCKSIZES take the full sweep
 SMALL_SIZES = (1, 2, 3, 17, 65, 130, 1000)
 POISON_BYTE = 0xAB
 POISON_FLOAT = -12345.0  # exact in every float dtype; no absmax or dequantized value equals it
@@ -111,21 +113,36 @@ def check_dequantize(q: reference.Quantized, n: int, blocksize: int, quant_type:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_round_trip(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    """quantize_blocks, quantize_nested and dequantize (plain and nested) against the reference."""
+    n = x.numel()
+    ref = check_quantize(x, blocksize, quant_type)
+    absmax = torch.from_numpy(ref.absmax)
+    offset = absmax.mean()
+    ref_q, ref_nested = check_nested(absmax, offset)
+    check_dequantize(ref, n, blocksize, quant_type, x.dtype)
+    nested = reference.Quantized(ref.packed, ref_q, ref_nested, np.float32(offset.item()))
+    check_dequantize(nested, n, blocksize, quant_type, x.dtype)
+
+
 @pytest.mark.parametrize("quant_type", cb.QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_round_trip_matches_reference(blocksize, dtype, quant_type, rng):
-    """quantize_blocks, quantize_nested and dequantize (plain and nested) against the reference
-    on every size of _sizes(blocksize)."""
+    """Every size of _sizes(blocksize)."""
     for n in _sizes(blocksize):
+        check_round_trip(_random_weights(n, dtype, rng), blocksize, quant_type)
+
+
+@pytest.mark.parametrize("blocksize", MIDDLE_BLOCKSIZES)
+def test_middle_blocksizes_round_trip(blocksize, rng):
+    """A short odd count with a partial block, and one full program of ELEMS_PER_PROGRAM plus a
+    masked tail of one block and one element; the dtype varies with the blocksize."""
+    dtype = DTYPES[MIDDLE_BLOCKSIZES.index(blocksize) % len(DTYPES)]
+    for n in (blocksize + 37, quant.ELEMS_PER_PROGRAM + blocksize + 1):
         x = _random_weights(n, dtype, rng)
-        ref = check_quantize(x, blocksize, quant_type)
-        absmax = torch.from_numpy(ref.absmax)
-        offset = absmax.mean()
-        ref_q, ref_nested = check_nested(absmax, offset)
-        check_dequantize(ref, n, blocksize, quant_type, dtype)
-        nested = reference.Quantized(ref.packed, ref_q, ref_nested, np.float32(offset.item()))
-        check_dequantize(nested, n, blocksize, quant_type, dtype)
+        for quant_type in cb.QUANT_TYPES:
+            check_round_trip(x, blocksize, quant_type)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,6 +161,25 @@ def test_dequantize_arbitrary_codes_and_scales(quant_type, dtype, rng):
         offset = np.float32(torch.rand((), generator=rng).item() * 0.5)
         check_dequantize(reference.Quantized(packed.numpy(), q.numpy(), nested.numpy(), offset), n, blocksize,
                          quant_type, dtype)
+
+
+@pytest.mark.parametrize("quant_type", cb.QUANT_TYPES)
+def test_public_api_with_double_quant_and_bf16_storage(quant_type, rng):
+    """quantize_4bit / dequantize_4bit with backend="triton" give the bytes, state and values of
+    the torch and reference backends."""
+    x = _random_weights(6 * 130, torch.float16, rng).reshape(6, 130)  # 390 bytes: 195 bf16 words
+    before = x.clone()
+    packed, state = nf4kern.quantize_4bit(x, 128, quant_type, True, torch.bfloat16, backend="triton")
+    assert packed.dtype == torch.bfloat16 and packed.shape == (195, 1) and state.nested
+    for backend in ("torch", "reference"):
+        other, other_state = nf4kern.quantize_4bit(x, 128, quant_type, True, torch.bfloat16, backend=backend)
+        assert_same(packed.view(torch.uint8), other.view(torch.uint8), f"packed ({backend})")
+        assert state == other_state, backend
+        for dtype in (torch.float16, torch.bfloat16):
+            got = nf4kern.dequantize_4bit(packed, state, dtype=dtype, backend="triton")
+            want = nf4kern.dequantize_4bit(other, other_state, dtype=dtype, backend=backend)
+            assert_same(got.reshape(-1), want.reshape(-1), f"dequantized {dtype} ({backend})")
+    assert_same(x.reshape(-1), before.reshape(-1), "input")
 
 
 # ------------------------------------------------------------------------------------------------
