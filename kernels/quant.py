@@ -515,7 +515,9 @@ def _compile_specs() -> list:
         return KernelSpec(**fields, enable_fp_fusion=False, forbid_ptx=EXACT_PTX_FORBIDDEN)
 
     specs = []
-    for bs, dtypes in ((64, ("fp32", "fp16", "bf16")), (4096, ("bf16",))):
+    # Every input dtype at the default blocksize; bf16 (QLoRA's) at every other blocksize.
+    per_blocksize = [(64, ("fp32", "fp16", "bf16"))] + [(bs, ("bf16",)) for bs in cb.BLOCKSIZES if bs != 64]
+    for bs, dtypes in per_blocksize:
         for dt in dtypes:
             for qt in ("nf4", "fp4"):
                 types = {"x_ptr": _TL[dt], "packed_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64"}

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from nf4kern import codebook as cb
 from nf4kern import compile_gate
 from nf4kern.kernels import quant
 
@@ -131,7 +132,11 @@ def test_quant_specs_cover_dtypes_quant_types_nesting_and_blocksizes():
             assert f"quantize_{qt}_{dt}_bs64" in specs
         for tag in ("plain", "nested"):
             assert f"dequantize_{dt}_{tag}_bs64" in specs
-    assert "dequantize_bf16_nested_bs4096" in specs and "quantize_nf4_bf16_bs4096" in specs
+    for bs in cb.BLOCKSIZES:  # bf16, QLoRA's dtype, at every blocksize
+        for qt in ("nf4", "fp4"):
+            assert f"quantize_{qt}_bf16_bs{bs}" in specs
+        for tag in ("plain", "nested"):
+            assert f"dequantize_bf16_{tag}_bs{bs}" in specs
     assert "quantize_nested" in specs
     for s in specs.values():
         assert list(s.signature) == list(s.fn.arg_names)
