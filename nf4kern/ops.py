@@ -35,6 +35,15 @@ def _state(absmax, nested_absmax, offset, N, K, blocksize, quant_type) -> QuantS
     return QuantState(absmax, (N, K), code, blocksize, quant_type, torch.float32, offset, state2)
 
 
+def _check_devices(first: str, **tensors) -> None:
+    """The fake kernels run whenever any input is a meta (or fake) tensor; one on a device unlike
+    the activations' would otherwise yield an uninitialised result instead of an error."""
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
+
+
 # -- quantize / dequantize --------------------------------------------------------------------
 
 
@@ -75,6 +84,7 @@ def dequantize_4bit(
 
 @dequantize_4bit.register_fake
 def _(packed, absmax, nested_absmax, offset, shape, blocksize, quant_type, dtype):
+    _check_devices("packed", packed=packed, absmax=absmax, nested_absmax=nested_absmax, offset=offset)
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -92,6 +102,7 @@ def nf4_matmul(
 
 @nf4_matmul.register_fake
 def _(x, packed, absmax, nested_absmax, offset, bias, N, K, blocksize, quant_type, backend=None):
+    _check_devices("x", x=x, weight=packed, absmax=absmax, nested_absmax=nested_absmax, offset=offset, bias=bias)
     return x.new_empty(*x.shape[:-1], N)
 
 
@@ -106,6 +117,7 @@ def nf4_matmul_dx(
 
 @nf4_matmul_dx.register_fake
 def _(dy, packed, absmax, nested_absmax, offset, N, K, blocksize, quant_type, backend=None):
+    _check_devices("dy", dy=dy, weight=packed, absmax=absmax, nested_absmax=nested_absmax, offset=offset)
     return dy.new_empty(*dy.shape[:-1], K)
 
 
@@ -148,6 +160,9 @@ def lora_forward(
 
 @lora_forward.register_fake
 def _(x, packed, absmax, nested_absmax, offset, bias, A, B, scale, p, seed, N, K, blocksize, quant_type, backend=None):
+    # The seed is a CPU scalar whatever the device.
+    _check_devices("x", x=x, weight=packed, absmax=absmax, nested_absmax=nested_absmax, offset=offset, bias=bias,
+                   lora_A=A, lora_B=B)
     M = x.numel() // K
     return x.new_empty(*x.shape[:-1], N), x.new_empty(M, A.shape[0], dtype=torch.float32)
 

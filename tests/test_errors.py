@@ -141,8 +141,7 @@ def test_linear_bias_dtype(dtype, rng):
 
 
 def test_matmul_bias_device_and_type(rng):
-    # nf4kern.matmul directly: through nf4_linear's torch.library op a meta input selects the
-    # op's fake kernel before nf4kern.matmul is reached.
+    # nf4kern.matmul directly (through nf4_linear a meta input stops at the op's fake kernel).
     from nf4kern import matmul
 
     packed, state = _quantized(rng)
@@ -151,6 +150,30 @@ def test_matmul_bias_device_and_type(rng):
         matmul.nf4_matmul(x, packed, state, torch.ones(8, device="meta"))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
         matmul.nf4_matmul(x, packed, state, [0.0] * 8)
+
+
+@pytest.mark.parametrize("where", ["bias", "weight", "absmax", "lora_A", "lora_B"])
+def test_linear_ops_reject_a_meta_operand(where, rng):
+    """A meta operand makes the torch.library op run its fake kernel, which must raise rather than
+    hand back uninitialised memory."""
+    packed, state = _quantized(rng, double_quant=False)
+    x, bias = torch.randn(2, 64), torch.zeros(8)
+    A, B = torch.randn(4, 64), torch.randn(8, 4)
+    if where == "weight":
+        packed = packed.to("meta")
+    elif where == "absmax":
+        state.absmax = state.absmax.to("meta")
+    elif where == "bias":
+        bias = bias.to("meta")
+    elif where == "lora_A":
+        A = A.to("meta")
+    else:
+        B = B.to("meta")
+    with pytest.raises(ValueError, match=rf"{where} is on meta but x is on cpu"):
+        nf4kern.qlora_linear(x, packed, A, B, 2.0, bias, quant_state=state)
+    if where not in ("lora_A", "lora_B"):
+        with pytest.raises(ValueError, match=rf"{where} is on meta but x is on cpu"):
+            nf4kern.nf4_linear(x, packed, bias, state)
 
 
 def test_matmul_rejects_state_on_another_device(rng):
