@@ -130,9 +130,23 @@ def test_only_bf16_uses_the_bf16_product(monkeypatch):
 
 
 def test_torch_backend_large_k_small_m(rng):
-    """A K that spans many row chunks of the small-M path, and rows of different blocks."""
+    """A long K (many blocks per row) at small M."""
     for M, K in ((1, 4096), (3, 2048)):
         _check_linear((M,), 40, K, 64, "nf4", True, torch.float32, True, "torch", rng)
+
+
+@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("K,blocksize", [(70, 64), (96, 64), (130, 32), (256, 64)])
+def test_torch_backend_many_row_chunks(M, K, blocksize, monkeypatch, rng):
+    """The CPU path dequantizes W a row chunk at a time, each chunk starting on a block boundary;
+    shrunk chunks make every shape take many of them, blocks straddling rows included (the
+    growth with M is capped low too, so large M also splits)."""
+    monkeypatch.setattr(torch_ops, "_CHUNK", 256)
+    monkeypatch.setattr(torch_ops, "_GEMM_CHUNK_MAX", 2048)
+    N = 37
+    chunks, _ = torch_ops._row_chunks(N, K, blocksize, torch_ops._gemm_chunk(M, K))
+    assert len(chunks) > 1 and all((r0 * K) % blocksize == 0 for r0, _ in chunks)
+    _check_linear((M,), N, K, blocksize, "nf4", True, torch.float32, True, "torch", rng)
 
 
 def test_zero_weight_blocks_and_zero_input(rng):
