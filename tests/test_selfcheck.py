@@ -1,0 +1,55 @@
+"""nf4kern.selfcheck, the on-device kernel check, run here in Triton's interpreter: every case
+passes on correct kernels, and a broken kernel is reported as a failed case."""
+import io
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nf4kern import selfcheck  # noqa: E402
+
+
+def test_every_case_passes_in_the_interpreter():
+    out = io.StringIO()
+    failures = selfcheck.run("cpu", out=out)
+    lines = out.getvalue().splitlines()
+    assert failures == 0, "\n".join(line for line in lines if line.startswith("FAIL"))
+    assert len(lines) == len(selfcheck.cases("cpu", large=False))
+    for kind in ("quant nf4", "quant fp4", "nf4_linear nf4", "nf4_linear fp4", "qlora_linear"):
+        assert any(kind in line for line in lines), kind
+
+
+def test_a_wrong_kernel_fails_its_cases(monkeypatch):
+    from nf4kern.kernels import matmul as kernels
+
+    real = kernels.nf4_matmul_dx
+    monkeypatch.setattr(kernels, "nf4_matmul_dx", lambda *a, **k: real(*a, **k) * 1.01)
+    result = selfcheck.check_linear(3, 17, 130, 64, "nf4", torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert not result.ok and "dx" in result.detail
+
+
+def test_a_changed_byte_fails_the_quant_case(monkeypatch):
+    from nf4kern.kernels import quant as kernels
+
+    real = kernels.quantize_blocks
+
+    def off_by_one(*args, **kwargs):
+        packed, absmax = real(*args, **kwargs)
+        packed = packed.clone()
+        packed[0] ^= 1
+        return packed, absmax
+
+    monkeypatch.setattr(kernels, "quantize_blocks", off_by_one)
+    result = selfcheck.check_quant((33, 200), 64, "nf4", False, torch.float16, "cpu", torch.Generator().manual_seed(0))
+    assert not result.ok and "packed" in result.detail and "dequantized" in result.detail
+
+
+def test_main_reports_and_sets_the_exit_status(monkeypatch, capsys):
+    monkeypatch.setattr(selfcheck, "cases", lambda device, large: [
+        (lambda gen: selfcheck.Result("good", True, ""), ()),
+        (lambda gen: selfcheck.Result("bad", False, "why"), ()),
+    ])
+    assert selfcheck.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "ok    good" in out and "FAIL  bad" in out and "1 of 2 cases passed on cpu" in out
