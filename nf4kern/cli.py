@@ -413,6 +413,8 @@ def _run(command, args, interrupted: str = "interrupted; no output was written")
         return command(args)
     except ConvertError as e:
         return _fail(str(e), e)
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as e:
         return _fail(_os_error(e), e)
     except KeyboardInterrupt as e:
@@ -420,6 +422,15 @@ def _run(command, args, interrupted: str = "interrupted; no output was written")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _reader_gone() -> int:
+    """stdout's reader exited (`nf4kern inspect ... | head`): stop quietly, as a shell tool does.
+    stdout goes to /dev/null so that Python's final flush cannot fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141  # 128 + SIGPIPE, what the shell reports for a tool killed by the closed pipe
 
 
 def _fail(message: str, exc: BaseException, status: int = 1) -> int:

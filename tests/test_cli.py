@@ -331,6 +331,21 @@ def test_inspect_float_and_quantized(tmp_path, capsys):
     assert row[2:6] == ["nf4", "64", "off", "uint8"] and 4.5 < float(row[6]) < 4.7
 
 
+def test_a_reader_leaving_early_stops_the_command_quietly(tmp_path):
+    """`nf4kern inspect ... | head -1`: the pipe closes while the table is written (more than a
+    pipe buffer of it); the command stops with the shell's SIGPIPE status, no error, no traceback."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.proj.weight": torch.randn(2, 64, generator=g) for i in range(1500)}
+    safetensors_torch.save_file(tensors, tmp_path / "many.safetensors")
+    proc = subprocess.Popen([sys.executable, "-m", "nf4kern.cli", "inspect", tmp_path / "many.safetensors", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "error" not in stderr and "Broken pipe" not in stderr, stderr
+
+
 def _error_cases(folder: Path):
     good = folder / "good.safetensors"
     safetensors_torch.save_file(layer_tensors(6), good)
