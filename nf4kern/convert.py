@@ -285,12 +285,18 @@ def resolve_input(path: str | os.PathLike) -> Source:
 # -- writing --------------------------------------------------------------------------------------
 
 
+def _file_in_the_way(dest: Path) -> Path | None:
+    """The nearest existing ancestor of dest when it is not a folder (nothing can be below it)."""
+    nearest = next((p for p in dest.parents if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def _reason(e: OSError, dest: Path) -> str:
     """Why dest cannot be written, in words about dest rather than about a temporary file."""
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     if e.errno == errno.ENOTDIR:
-        blocker = next((p for p in reversed(dest.parents) if p.exists() and not p.is_dir()), None)
+        blocker = _file_in_the_way(dest)
         if blocker is not None:
             return f"{blocker} is not a folder"
     if e.errno == errno.ENOENT and dest.parent.is_dir():  # e.g. /proc: the folder exists, creating fails
@@ -310,8 +316,8 @@ def _writing(dest: Path):
 def _check_parent(dest: Path) -> None:
     if dest.parent.is_dir():
         return
-    blocker = next((p for p in dest.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = _file_in_the_way(dest)
+    if blocker is not None:
         raise ConvertError(f"cannot write {dest}: {blocker} is not a folder")
     raise ConvertError(f"cannot write {dest}: folder {dest.parent} does not exist")
 
@@ -596,6 +602,15 @@ class Action(enum.Enum):
     HELD_BACK = "held back"  # would be quantized, but the skip pattern matches its name
     NOT_IN_MODEL = "not in model"  # a 2-D weight the model built from config.json has no parameter (of its shape) for
 
+    @property
+    def quantizes(self) -> bool:
+        return self in (Action.QUANTIZE, Action.TRANSPOSE)
+
+    def weight(self, reader: "_Reader", info: TensorInfo) -> torch.Tensor:
+        """The weight to quantize, in Linear orientation [out, in]."""
+        w = reader.tensor(info.name)
+        return w.t() if self is Action.TRANSPOSE else w
+
 
 @dataclass
 class ModelRule:
@@ -785,10 +800,8 @@ def _quantize_file(src: Path, dest: Path, opts: QuantOptions, progress: Progress
     with _Reader(src) as reader, SafetensorsWriter(dest, metadata, shown) as writer:
         for info in infos:
             action, module = summary.selection.choose(info, already)
-            if action in (Action.QUANTIZE, Action.TRANSPOSE):
-                w = reader.tensor(info.name)
-                if action is Action.TRANSPOSE:
-                    w = w.t()
+            if action.quantizes:
+                w = action.weight(reader, info)
                 entries, state, packed = quantize_entries(info.name, w, opts)
                 stats = error_stats(w, dequantize_4bit(packed, state), outlier_std=None)
                 for key, t in entries.items():
@@ -964,10 +977,8 @@ def inspect_checkpoint(path: str | os.PathLike, opts: QuantOptions, bins: int = 
                     report.quantized.append(_describe_quantized(name, by_name, reader))
                 for info in infos:
                     action, _ = report.selection.choose(info, already)
-                    if action in (Action.QUANTIZE, Action.TRANSPOSE):
-                        w = reader.tensor(info.name)
-                        if action is Action.TRANSPOSE:
-                            w = w.t()
+                    if action.quantizes:
+                        w = action.weight(reader, info)
                         _, state, packed = quantize_entries(info.name, w, opts)
                         stats = error_stats(w, dequantize_4bit(packed, state), bins=bins)
                         stored = packed.numel() * packed.element_size() + sum(

@@ -191,12 +191,11 @@ def run_case(pass_: str, M: int, weights: Weights, device: str, warmup: int, rep
     with torch.no_grad():
         ref = ops["nf4kern"](x)
     for peer, op in ops.items():
-        if isinstance(op, str):
-            results[peer] = op
-        elif peer not in ("nf4kern", "bf16") and not _agrees_or_why(op, x, ref, results, peer):
-            continue
-        else:
+        why = op if isinstance(op, str) else None if peer in ("nf4kern", "bf16") else _disagreement(op, x, ref)
+        if why is None:
             timed[peer] = _timed_call(pass_, op, x, dy)
+        else:
+            results[peer] = why
     for peer, ms in common.time_interleaved(timed, warmup, repeat, flush, SLOW_MS).items():
         results[peer] = common.failure(ms) if isinstance(ms, Exception) else ms
     for peer in ops:
@@ -205,16 +204,13 @@ def run_case(pass_: str, M: int, weights: Weights, device: str, warmup: int, rep
     return results
 
 
-def _agrees_or_why(op, x, ref, results: dict, peer: str) -> bool:
-    """Whether op(x) agrees with nf4kern's result; if not, results[peer] says why."""
+def _disagreement(op, x, ref) -> str | None:
+    """None when op(x) agrees with nf4kern's result, else why it does not."""
     try:
         with torch.no_grad():
-            if _agrees(op(x), ref):
-                return True
-        results[peer] = "wrong result (differs from nf4kern's by > 2%)"
+            return None if _agrees(op(x), ref) else "wrong result (differs from nf4kern's by > 2%)"
     except Exception as e:
-        results[peer] = common.failure(e)
-    return False
+        return common.failure(e)
 
 
 def _timed_call(pass_: str, op, x, dy):
