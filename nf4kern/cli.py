@@ -121,9 +121,8 @@ def quantize(args) -> int:
     conv1d = f" ({transposed} Conv1D, transposed to [out, in])" if transposed else ""
     print(f"  tensors: {len(summary.quantized)} quantized{conv1d}, {summary.copied} copied unchanged{shards}")
     if summary.not_in_model:
-        names = ", ".join(summary.not_in_model[:5]) + (", ..." if len(summary.not_in_model) > 5 else "")
         _warn(f"{summary.selection.model.name}, built from config.json, has no parameter of the name and shape of "
-              f"{len(summary.not_in_model)} 2-D weight(s), copied unchanged: {names}")
+              f"{len(summary.not_in_model)} 2-D weight(s), copied unchanged: {_names(summary.not_in_model)}")
     ratio = summary.bytes_out / summary.bytes_in if summary.bytes_in else 0.0
     print(f"  size: {convert.human_bytes(summary.bytes_in)} -> {convert.human_bytes(summary.bytes_out)} ({ratio:.1%}; "
           f"{summary.bytes_in} -> {summary.bytes_out} bytes)")
@@ -145,6 +144,10 @@ def quantize(args) -> int:
         print(f"  {t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5} {_fmt_db(t.stats.sqnr_db)}")
     print(f"\n  SQNR dB: {_sqnr_summary(summary.quantized)}")
     return 0
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def _warn_if_config_unused(selection) -> None:
@@ -208,7 +211,7 @@ def _inspect(args, opts, plot) -> int:
     print(f"weights inspected: {report.selection.describe()}")
     rows = report.errors
     if args.top is not None:
-        rows = sorted(rows, key=lambda t: t.stats.sqnr_db)[: args.top]
+        rows = sorted(rows, key=_worst_first)[: args.top]
     if rows:
         title = f"lowest SQNR first, top {len(rows)} of {len(report.errors)}" if args.top is not None else "in file order"
         print(f"quantization error of the float tensors ({title}); rel err = mean |err| / mean |w|; "
@@ -217,11 +220,8 @@ def _inspect(args, opts, plot) -> int:
         print(f"{'tensor':{width}} {'shape':>14} {'dtype':>5} {'SQNR dB':>8} {'max |err|':>10} {'mean |err|':>10} "
               f"{'rel err':>8} {'outliers':>8} {'bits/param':>10}")
         for t in rows:
-            s = t.stats
-            print(f"{t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5} {_fmt_db(s.sqnr_db)} {s.max_abs:10.3e} "
-                  f"{s.mean_abs:10.3e} {s.rel:8.4f} {s.outliers:8d} {8 * t.stored_bytes / math.prod(t.shape):10.3f}")
-        print(f"summary: {len(report.errors)} tensors, SQNR dB {_sqnr_summary(report.errors)}; "
-              f"outliers {sum(t.stats.outliers for t in report.errors)}")
+            print(_error_row(t, width))
+        print(f"summary: {_error_summary(report.errors)}")
     if report.quantized:
         print(f"already quantized (bitsandbytes layout): {len(report.quantized)} tensors")
         width = max(len(q.name) for q in report.quantized)
@@ -236,11 +236,40 @@ def _inspect(args, opts, plot) -> int:
         print("no eligible tensors and no quantized ones")
     print(f"not inspected: {report.not_eligible} tensors (quantize would copy them unchanged)")
     if plot is not None:
-        if not rows:
+        quantized = [t for t in rows if t.stats is not None]
+        if not quantized:
             raise convert.ConvertError("--plot: no float tensors were quantized, nothing to plot")
-        _plot(rows, plot)
+        _plot(quantized, plot)
         print(f"error histograms written to {plot.dest}")
+    bad = [t.name for t in report.errors if t.nonfinite]
+    if bad:  # after the whole report, so that a script notices
+        raise convert.ConvertError(f"{report.source.path}: {len(bad)} tensor(s) hold NaN or inf, which quantize "
+                                   f"refuses: {_names(bad)}")
     return 0
+
+
+def _worst_first(t) -> float:
+    """--top's order: tensors that are not finite (no SQNR), then the lowest SQNR."""
+    return t.stats.sqnr_db if t.stats is not None else -math.inf
+
+
+def _error_row(t, width: int) -> str:
+    head = f"{t.name:{width}} {_shape(t.shape):>14} {t.dtype:>5}"
+    if t.nonfinite:
+        count, first = t.nonfinite
+        return f"{head} not finite: {count} NaN/inf value(s), the first at {list(first)}; not quantized"
+    s = t.stats
+    return (f"{head} {_fmt_db(s.sqnr_db)} {s.max_abs:10.3e} {s.mean_abs:10.3e} {s.rel:8.4f} {s.outliers:8d} "
+            f"{8 * t.stored_bytes / math.prod(t.shape):10.3f}")
+
+
+def _error_summary(reports) -> str:
+    quantized = [t for t in reports if t.stats is not None]
+    bad = len(reports) - len(quantized)
+    text = f"{len(reports)} tensors" + (f" ({bad} not finite, not quantized)" if bad else "")
+    if not quantized:
+        return text
+    return f"{text}, SQNR dB {_sqnr_summary(quantized)}; outliers {sum(t.stats.outliers for t in quantized)}"
 
 
 def _plot(rows, out) -> None:

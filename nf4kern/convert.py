@@ -14,8 +14,12 @@ is assembled next to its destination and moved into place with os.replace, so an
 run leaves no partial checkpoint. A folder is built in a temporary folder beside OUT and
 renamed into place at the end.
 
-`inspect_checkpoint` quantizes the eligible tensors in memory and reports their error, and
-describes the tensors that are already in bitsandbytes' layout.
+A checkpoint with 4-bit weights and none left to quantize is refused; in a partly quantized one
+the 4-bit entries are copied unchanged.
+
+`inspect_checkpoint` quantizes the eligible tensors in memory and reports their error (for one
+with NaN or inf, which quantize refuses: how many, and where the first is), and describes the
+tensors that are already in bitsandbytes' layout.
 """
 from __future__ import annotations
 
@@ -541,6 +545,16 @@ class ErrorStats:
     hist: tuple | None = None  # (counts, lo, hi) of the error normalised by std
 
 
+def _nonfinite(w: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """(count, index of the first) of the NaN and inf values in w; None when it has none."""
+    bad = ~torch.isfinite(w)
+    count = int(bad.sum())
+    if not count:
+        return None
+    first = int(bad.reshape(-1).nonzero()[0])
+    return count, tuple(int(i) for i in torch.unravel_index(torch.tensor(first), w.shape))
+
+
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor, outlier_std: float | None = 6.0, bins: int = 0) -> ErrorStats:
     """Error of w_hat against w, accumulated in float64 over chunks (memory: a chunk). A second
     pass counts outliers (|w| > outlier_std * std; None: not counted) and histograms the error."""
@@ -770,9 +784,10 @@ class TensorReport:
     name: str
     shape: tuple
     dtype: str
-    stats: ErrorStats
+    stats: ErrorStats | None  # None when not finite
     stored_bytes: int  # all entries written for it
     transposed: bool = False  # a Conv1D weight, quantized as [out, in] (shape is that)
+    nonfinite: tuple[int, tuple[int, ...]] | None = None  # inspect: NaN/inf (count, first index in shape): not quantized
 
 
 @dataclass
@@ -836,12 +851,27 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, opts: Qu
         raise ConvertError(f"OUT is the input file {source.path}: choose another path")
     infos, _ = read_header(source.path)
     summary = Summary(source, out, select(source, opts))
+    _refuse_if_quantized(source, {source.path.name: infos}, summary.selection)
     bar = Progress(sum(i.nbytes for i in infos), "quantize", progress)
     try:
         _quantize_file(source.path, out, opts, bar, summary, out)
     finally:
         bar.close()
     return summary
+
+
+def _refuse_if_quantized(source: Source, headers: dict[str, list[TensorInfo]], selection: Selection) -> None:
+    """Weights in bitsandbytes' layout and none left to quantize: OUT would be a copy, so the
+    checkpoint is refused, as a folder whose config.json says it is quantized. With some left, they
+    are quantized and the 4-bit ones copied."""
+    already = {shard: quantized_names(infos) for shard, infos in headers.items()}
+    if not any(already.values()):
+        return
+    if any(selection.choose(i, already[shard])[0].quantizes for shard, infos in headers.items() for i in infos):
+        return
+    count = sum(map(len, already.values()))
+    raise ConvertError(f"{source.path} is already quantized ({count} weights in bitsandbytes' 4-bit layout, "
+                       "none left to quantize)")
 
 
 def _check_output_folder(out: Path) -> None:
@@ -879,6 +909,7 @@ def _quantize_folder(source: Source, out: Path, opts: QuantOptions, progress: bo
             if key not in names[shard]:
                 raise ConvertError(f"{source.path / INDEX_NAME} maps {key!r} to {shard}, which does not hold it")
     summary = Summary(source, out, select(source, opts))
+    _refuse_if_quantized(source, headers, summary.selection)
     with _writing(out):
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     bar = Progress(sum(i.nbytes for infos in headers.values() for i in infos), "quantize", progress)
@@ -978,16 +1009,8 @@ def inspect_checkpoint(path: str | os.PathLike, opts: QuantOptions, bins: int = 
                 for info in infos:
                     action, _ = report.selection.choose(info, already)
                     if action.quantizes:
-                        w = action.weight(reader, info)
-                        _, state, packed = quantize_entries(info.name, w, opts)
-                        stats = error_stats(w, dequantize_4bit(packed, state), bins=bins)
-                        stored = packed.numel() * packed.element_size() + sum(
-                            t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)
-                        )
-                        report.errors.append(TensorReport(info.name, tuple(w.shape), info.dtype, stats, stored,
-                                                          action is Action.TRANSPOSE))
+                        report.errors.append(_inspect_tensor(info, action, reader, opts, bins))
                         bar.update(info.nbytes, info.name)
-                        del w, packed, state
                     elif info.name not in already and not is_quant_state_key(info.name):
                         report.not_eligible += 1
                         if is_candidate(info):
@@ -995,6 +1018,22 @@ def inspect_checkpoint(path: str | os.PathLike, opts: QuantOptions, bins: int = 
     finally:
         bar.close()
     return report
+
+
+def _inspect_tensor(info: TensorInfo, action: Action, reader: _Reader, opts: QuantOptions, bins: int) -> TensorReport:
+    """The quantization error of one weight; a weight with NaN or inf is reported as such instead
+    (quantize refuses it), so that one bad tensor does not hide the others."""
+    w = action.weight(reader, info)
+    transposed = action is Action.TRANSPOSE
+    bad = _nonfinite(w)
+    if bad is not None:
+        return TensorReport(info.name, tuple(w.shape), info.dtype, None, 0, transposed, nonfinite=bad)
+    _, state, packed = quantize_entries(info.name, w, opts)
+    stats = error_stats(w, dequantize_4bit(packed, state), bins=bins)
+    stored = packed.numel() * packed.element_size() + sum(
+        t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)
+    )
+    return TensorReport(info.name, tuple(w.shape), info.dtype, stats, stored, transposed)
 
 
 def _describe_quantized(name: str, by_name: dict[str, TensorInfo], reader: _Reader) -> QuantizedInfo:

@@ -331,6 +331,83 @@ def test_inspect_float_and_quantized(tmp_path, capsys):
     assert row[2:6] == ["nf4", "64", "off", "uint8"] and 4.5 < float(row[6]) < 4.7
 
 
+def test_inspect_reports_a_non_finite_tensor_and_fails_at_the_end(tmp_path, capsys):
+    """A weight with NaN or inf gets a row saying so, the others are reported as usual, and the
+    command exits 1 after the whole report, with one line on stderr."""
+    tensors = layer_tensors(9)
+    bad = "model.layers.0.mlp.up_proj.weight"
+    tensors[bad][3, 5] = float("nan")
+    tensors[bad][7, 0] = float("-inf")
+    path = tmp_path / "in.safetensors"
+    safetensors_torch.save_file(tensors, path)
+    proc = run("inspect", path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"nf4kern: error: {path}: 1 tensor(s) hold NaN or inf, which quantize refuses: {bad}\n"
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("model.")}
+    assert set(rows) == {k for k in tensors if k.endswith("proj.weight")}
+    assert rows[bad].split()[1:3] == ["128x64", "F16"]
+    assert rows[bad].endswith("not finite: 2 NaN/inf value(s), the first at [3, 5]; not quantized")
+    assert all(float(row.split()[3]) > 15 for name, row in rows.items() if name != bad)
+    assert "summary: 3 tensors (1 not finite, not quantized), SQNR dB min" in proc.stdout
+    assert "not inspected: 3 tensors" in proc.stdout  # the report went on to its end
+
+    # --top: a tensor without SQNR comes before the lowest SQNR
+    from nf4kern import cli
+
+    assert cli.main(["inspect", str(path), "--top", "1", "--no-progress"]) == 1
+    out = capsys.readouterr()
+    assert [line.split()[0] for line in out.out.splitlines() if line.startswith("model.")] == [bad]
+    assert len(out.err.splitlines()) == 1
+
+
+def test_quantize_refuses_a_checkpoint_already_quantized(tmp_path):
+    """Nothing left to quantize: a file, a folder whose config.json says so and one without
+    config.json are refused alike, in one line naming IN, and OUT is not written."""
+    from nf4kern import cli
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    safetensors_torch.save_file(layer_tensors(10), tmp_path / "float.safetensors")
+    assert cli.main(["quantize", str(tmp_path / "float.safetensors"), str(folder / "q.safetensors"), "--no-progress"]) == 0
+    for name, config in (("with-config", {"quantization_config": {"quant_method": "bitsandbytes"}}), ("bare", None)):
+        (folder / name).mkdir()
+        (folder / name / "model.safetensors").write_bytes((folder / "q.safetensors").read_bytes())
+        if config is not None:
+            (folder / name / "config.json").write_text(json.dumps(config))
+    cases = {"file": ["quantize", folder / "q.safetensors", folder / "o.safetensors"],
+             "folder with quantization_config": ["quantize", folder / "with-config", folder / "o"],
+             "folder without config.json": ["quantize", folder / "bare", folder / "o"]}
+    before = {p.name for p in folder.iterdir()}
+    results = run_each(cases, tmp_path / "streams")
+    for returncode, stderr, _, _ in results.values():
+        _assert_clean_failure(returncode, stderr, before, folder)
+    messages = {case: stderr for case, (_, stderr, _, _) in results.items()}
+    assert messages["file"] == (f"nf4kern: error: {folder / 'q.safetensors'} is already quantized (3 weights in "
+                                "bitsandbytes' 4-bit layout, none left to quantize)\n")
+    assert messages["folder with quantization_config"].startswith(
+        f"nf4kern: error: {folder / 'with-config'} is already quantized (config.json has a quantization_config")
+    assert messages["folder without config.json"].startswith(f"nf4kern: error: {folder / 'bare'} is already quantized (3")
+
+
+def test_quantize_partly_quantized_file_keeps_the_quantized_entries(tmp_path):
+    """Weights left in float are quantized; those already 4-bit pass through byte for byte."""
+    from nf4kern import cli
+
+    tensors = layer_tensors(11)
+    safetensors_torch.save_file(tensors, tmp_path / "in.safetensors")
+    part, full = tmp_path / "part.safetensors", tmp_path / "full.safetensors"
+    assert cli.main(["quantize", str(tmp_path / "in.safetensors"), str(part), "--skip", "gate_proj", "--no-progress"]) == 0
+    proc = run("quantize", part, full)
+    assert "tensors: 1 quantized, 15 copied unchanged" in proc.stdout
+    before, after = safetensors_torch.load_file(part), safetensors_torch.load_file(full)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    for key, t in before.items():
+        if key != gate:
+            assert after[key].dtype == t.dtype and after[key].shape == t.shape, key
+            assert_bytes_equal(after[key], t, key)
+    check_quantized(after, tensors, {k for k in tensors if k.endswith("proj.weight")})
+
+
 def test_a_reader_leaving_early_stops_the_command_quietly(tmp_path):
     """`nf4kern inspect ... | head -1`: the pipe closes while the table is written (more than a
     pipe buffer of it); the command stops with the shell's SIGPIPE status, no error, no traceback."""
