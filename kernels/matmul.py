@@ -5,8 +5,9 @@ splits the nibbles, looks the codes up in the 16-entry fp32 code table, decodes 
 of each element from its flat block index (plain fp32 absmax, or nested: 8-bit code -> dynamic
 map * nested absmax + offset), multiplies in fp32, and feeds the tile to the tensor cores.
 
-Paths (configs in _TABLES, chosen by _pick from M, the activation dtype, K and the blocksize;
-a heuristic, not autotuning: no timing runs, and the interpreter takes the generic configs):
+Paths (default configs in _TABLES, chosen by _pick from M, the activation dtype, K and the
+blocksize; on a GPU the first call of a shape times the candidates of _candidates and keeps the
+fastest, see "Autotuning"; the interpreter takes the defaults):
 
 * M == 1 (decode), forward: `_nf4_gemv_kernel`. No tl.dot (it needs >= 16 rows): each program
   dequantizes [64, 64] weight tiles and accumulates w * x in fp32 (explicit tl.fma), one tl.sum
@@ -464,8 +465,9 @@ class _Table:
 _TABLES = {
     # bf16 / fp16 activations, even K.
     ("fwd", "half"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
-                             # 8 warps: half the dequant registers (4 spill on sm_80, 3.6).
-                             (32, _Config(32, 64, 64, 1, 8, 4)),
+                             # 8 warps: half the dequant registers (4 spill on sm_80, 3.6);
+                             # 2 stages: 3 spill on sm_90 with 3.6 when split-K is 1.
+                             (32, _Config(32, 64, 64, 1, 8, 2)),
                              (64, _Config(64, 64, 64, 1, 4, 4))),
                             _Config(128, 128, 32, 8, 8, 4), _Config(256, 64, 32, 8, 8, 3)),
     ("dx", "half"): _Table(((16, _Config(16, 64, 64, 1, 4, 4)),
@@ -523,11 +525,9 @@ def _block_k_for(block_k: int, blocksize: int, K: int) -> int:
 def _split_for(tiles: int, red: int, step: int, device: torch.device, min_steps: int = 4):
     """(split, per_split): split a reduction of length `red` so about 2 programs per SM run,
     each over at least `min_steps` steps; per_split is a multiple of `step`, no split is empty."""
-    steps = triton.cdiv(red, step)
     want = max(1, (2 * _sm_count(device)) // max(tiles, 1))
-    split = max(1, min(want, steps // min_steps, _MAX_SPLIT))
-    per_split = triton.cdiv(steps, split) * step
-    return triton.cdiv(red, per_split), per_split
+    split = max(1, min(want, triton.cdiv(red, step) // min_steps, _MAX_SPLIT))
+    return _per_split(red, step, split)
 
 
 def _variant(dtype: torch.dtype, K: int) -> str:
@@ -544,6 +544,97 @@ def _pick(kind: str, M: int, dtype: torch.dtype, K: int, blocksize: int,
     if table.large_sm90 is not None and K % blocksize == 0 and _is_sm90(device):
         return table.large_sm90
     return table.large
+
+
+# Autotuning
+# ------------------------------------------------------------------------------------------------
+# On a GPU, the first call of each (pass, M bucket, N, K, blocksize, dtypes, epilogues) times its
+# candidate launches and keeps the fastest for the rest of the process: for M <= 64 the table's
+# config at every split-K size from 1 to _MAX_SPLIT, for larger M (K % blocksize == 0) the
+# table's GEMM and the alternates below. The table's own choice comes first and is what runs
+# untimed: under the interpreter, with NF4KERN_AUTOTUNE=0, under
+# torch.use_deterministic_algorithms(True) (a tuned split-K size changes the fp32 summation
+# order, so two processes could differ in the last bits), and while a CUDA graph is captured
+# before its shape was tuned. Every alternate is in the compile gate.
+_LARGE_ALTERNATES = {
+    ("fwd", "half"): (_Config(128, 64, 32, 8, 4, 4), _Config(128, 128, 64, 8, 8, 3)),
+    ("dx", "half"): (_Config(128, 64, 64, 8, 8, 3), _Config(64, 32, 64, 8, 4, 4)),
+}
+_TUNED: dict = {}
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One candidate launch: a config and how many ways the reduction is split."""
+    cfg: _Config
+    split: int
+
+
+def _split_sizes(tiles: int, red: int, step: int, device: torch.device) -> list[int]:
+    """The heuristic split of _split_for first, then every other power of two that leaves each
+    split at least 4 steps (1 always)."""
+    first = _split_for(tiles, red, step, device)[0]
+    most = min(triton.cdiv(red, step) // 4, _MAX_SPLIT)
+    return [first] + [s for s in (1, 2, 4, 8, 16) if s <= max(most, 1) and s != first]
+
+
+def _per_split(red: int, step: int, split: int) -> tuple[int, int]:
+    """(splits actually launched, reduction length per split, a multiple of step): none is
+    empty; an empty reduction (N == 0 in dx) is one split of length 0."""
+    per_split = triton.cdiv(triton.cdiv(red, step), split) * step
+    return (triton.cdiv(red, per_split) if red else 1), per_split
+
+
+def _candidates(kind: str, M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
+                device: torch.device) -> list[_Launch]:
+    """The launches worth timing for a forward ("fwd") or dx call, the table's choice first."""
+    if M == 1 and kind == "fwd":
+        cfgs = [_GEMV if K % 2 == 0 else _GEMV_ODD_K]
+    else:
+        cfgs = [_pick(kind, M, dtype, K, blocksize, device)]
+    if M > _LARGE_M:
+        if _variant(dtype, K) == "half" and K % blocksize == 0:
+            table = _TABLES[(kind, "half")]
+            cfgs += [c for c in (table.large, *_LARGE_ALTERNATES[(kind, "half")]) if c != cfgs[0]]
+        return [_Launch(c, 1) for c in cfgs]
+    cfg = cfgs[0]
+    block_k = _block_k_for(cfg.block_k, blocksize, K)
+    if kind == "fwd":  # output tiles over N, reduction over K in block_k steps
+        tiles, red, step = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), K, block_k
+    else:  # output tiles over K, reduction over N in block_n steps
+        tiles, red, step = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k), N, cfg.block_n
+    return [_Launch(cfg, s) for s in _split_sizes(tiles, red, step, device)]
+
+
+def _tuning_wanted(device: torch.device) -> bool:
+    return (device.type == "cuda" and not _interpreting()
+            and os.environ.get("NF4KERN_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def _time_ms(run) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(run, warmup=5, rep=20)
+
+
+def _choose(key: tuple, candidates: list[_Launch], run, device: torch.device) -> _Launch:
+    """The launch for `key`: the cached winner, else the fastest candidate (each timed through
+    run(launch), which writes the call's output), else the first."""
+    if len(candidates) == 1 or not _tuning_wanted(device):
+        return candidates[0]
+    best = _TUNED.get(key)
+    if best is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = [_time_ms(lambda c=c: run(c)) for c in candidates]
+        best = _TUNED[key] = candidates[times.index(min(times))]
+    return best
+
+
+def _m_bucket(M: int) -> int:
+    """Calls whose M shares a bucket share a tuning result (and, for M <= 64, a table config)."""
+    return min(triton.next_power_of_2(M), 16384)
 
 
 # fp32 operands go through 3xTF32 dots: about fp32 accuracy on the tensor cores. (Plain "tf32"
@@ -726,41 +817,37 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
         lora = dict(HAS_LORA=False, LORA_BLOCK_R=16)
     lora_scale = float(lora_scale)
 
-    if M == 1:
-        cfg = _GEMV if paired else _GEMV_ODD_K
+    row_scale = K % blocksize == 0
+
+    def run(launch: _Launch) -> None:
+        cfg = launch.cfg
         block_k = _block_k_for(cfg.block_k, blocksize, K)
-        tiles = triton.cdiv(N, cfg.block_n)
-        split, per_split = _split_for(tiles, K, block_k, device)
-        ws = torch.empty((split, N), dtype=torch.float32, device=device) if split > 1 else buf
-        _nf4_gemv_kernel[(tiles, split)](
-            x, *weight, bias_arg, buf, ws, lora_s, lora_b, N, K, per_split, lora_scale, r,
-            lora_b.stride(0) if has_lora else 0,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKSIZE=blocksize,
-            PAIRED=paired, ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0,
-            NESTED=is_nested, HAS_BIAS=has_bias, **lora,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTS)
-    else:
-        cfg = _pick("fwd", M, x.dtype, K, blocksize, device)
-        block_k = _block_k_for(cfg.block_k, blocksize, K)
-        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-        if M <= _LARGE_M:
-            split, per_split = _split_for(tiles, K, block_k, device)
-        else:
-            split, per_split = 1, triton.cdiv(K, block_k) * block_k
+        split, per_split = _per_split(K, block_k, launch.split)
         ws = torch.empty((split, M, N), dtype=torch.float32, device=device) if split > 1 else buf
-        _nf4_gemm_kernel[(tiles, split)](
-            x, *weight, bias_arg, buf, ws, lora_s, lora_b, M, N, K, x.stride(0), buf.stride(0),
-            per_split, lora_scale, r, lora_s.stride(0) if has_lora else 0,
-            lora_b.stride(0) if has_lora else 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-            SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
-            ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
-            HAS_BIAS=has_bias, FP32_PRECISION=_FP32_PRECISION, **lora, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **_LAUNCH_OPTS)
-    if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(N, _SPLIT_REDUCE_BLOCK), M)](
-            ws, bias_arg, buf, M, N, buf.stride(0),
-            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+        common = dict(BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split, BLOCKSIZE=blocksize,
+                      PAIRED=paired, ROW_SCALE=row_scale and blocksize % block_k == 0,
+                      NESTED=is_nested, HAS_BIAS=has_bias, **lora, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, **_LAUNCH_OPTS)
+        if M == 1:
+            _nf4_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
+                x, *weight, bias_arg, buf, ws, lora_s, lora_b, N, K, per_split, lora_scale, r,
+                lora_b.stride(0) if has_lora else 0, **common)
+        else:
+            tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+            _nf4_gemm_kernel[(tiles, split)](
+                x, *weight, bias_arg, buf, ws, lora_s, lora_b, M, N, K, x.stride(0),
+                buf.stride(0), per_split, lora_scale, r, lora_s.stride(0) if has_lora else 0,
+                lora_b.stride(0) if has_lora else 0, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+                FP32_PRECISION=_FP32_PRECISION, **common)
+        if split > 1:
+            _splitk_reduce_kernel[(triton.cdiv(N, _SPLIT_REDUCE_BLOCK), M)](
+                ws, bias_arg, buf, M, N, buf.stride(0),
+                SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+
+    candidates = _candidates("fwd", M, N, K, x.dtype, blocksize, device)
+    key = ("fwd", _m_bucket(M), N, K, blocksize, x.dtype, out_dtype, is_nested, has_bias,
+           has_lora and (lora["LORA_BLOCK_R"], lora_s.dtype, lora_b.dtype), device)
+    run(_choose(key, candidates, run, device))
     return _finish(buf, user_out)
 
 
@@ -801,26 +888,32 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
         lora_ds = lora_a = absmax
         lora = dict(HAS_LORA=False, DROPOUT=False, LORA_BLOCK_R=16)
         lora_args = (0, 0, 0, 0, 0.0, 1.0)
-    cfg = _pick("dx", M, dy.dtype, K, blocksize, device)
-    block_k = _block_k_for(cfg.block_k, blocksize, K)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k)
-    if M <= _LARGE_M and N > 0:
-        split, per_split = _split_for(tiles, N, cfg.block_n, device)
-    else:
-        split, per_split = 1, triton.cdiv(N, cfg.block_n) * cfg.block_n
-    ws = torch.empty((split, M, K), dtype=torch.float32, device=device) if split > 1 else buf
-    _nf4_gemm_dx_kernel[(tiles, split)](
-        dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws, lora_ds, lora_a,
-        M, N, K, dy.stride(0), buf.stride(0), per_split, *lora_args,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
-        ROW_SCALE=K % blocksize == 0 and blocksize % block_k == 0, NESTED=is_nested,
-        FP32_PRECISION=_FP32_PRECISION, **lora, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_LAUNCH_OPTS)
-    if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(K, _SPLIT_REDUCE_BLOCK), M)](
-            ws, ws, buf, M, K, buf.stride(0),
-            SPLIT_K=split, HAS_BIAS=False, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+    row_scale = K % blocksize == 0
+
+    def run(launch: _Launch) -> None:
+        cfg = launch.cfg
+        block_k = _block_k_for(cfg.block_k, blocksize, K)
+        split, per_split = _per_split(N, cfg.block_n, launch.split)
+        tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k)
+        ws = torch.empty((split, M, K), dtype=torch.float32, device=device) if split > 1 else buf
+        _nf4_gemm_dx_kernel[(tiles, split)](
+            dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws, lora_ds, lora_a,
+            M, N, K, dy.stride(0), buf.stride(0), per_split, *lora_args,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+            SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
+            ROW_SCALE=row_scale and blocksize % block_k == 0, NESTED=is_nested,
+            FP32_PRECISION=_FP32_PRECISION, **lora, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **_LAUNCH_OPTS)
+        if split > 1:
+            _splitk_reduce_kernel[(triton.cdiv(K, _SPLIT_REDUCE_BLOCK), M)](
+                ws, ws, buf, M, K, buf.stride(0),
+                SPLIT_K=split, HAS_BIAS=False, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
+
+    candidates = _candidates("dx", M, N, K, dy.dtype, blocksize, device)
+    key = ("dx", _m_bucket(M), N, K, blocksize, dy.dtype, out_dtype, is_nested,
+           has_lora and (lora["LORA_BLOCK_R"], lora["DROPOUT"], lora_ds.dtype, lora_a.dtype),
+           device)
+    run(_choose(key, candidates, run, device))
     return _finish(buf, user_out)
 
 
@@ -898,8 +991,8 @@ def _dx_spec(name, act, cfg, nested, split, paired=True, row_scale=True, lora=No
                  lora=lora or ("fp32", "fp32"))
 
 
-def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True, lora=None):
-    c = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=4, BLOCKSIZE=64, PAIRED=paired,
+def _gemv_spec(name, act, cfg, nested, paired=True, row_scale=True, lora=None, split=4):
+    c = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, BLOCKSIZE=64, PAIRED=paired,
              ROW_SCALE=row_scale, NESTED=nested, HAS_BIAS=True, HAS_LORA=lora is not None,
              LORA_BLOCK_R=_lora_block_r(64, act, *lora) if lora else 16)
     return _spec(name, _nf4_gemv_kernel, act, cfg.num_warps, cfg.num_stages, c, odd_k=not paired,
@@ -922,6 +1015,9 @@ def _table_specs(kind, variant, act, nested, row_scale=True, buckets=None):
     if table.large_sm90 is not None and row_scale:  # sm_90 tiles run for K % blocksize == 0 only
         out.append(make(f"{kind}_large_sm90_{tag}", act, table.large_sm90, nested, 1, paired,
                         row_scale))
+    if row_scale:  # the autotuner's alternates, K % blocksize == 0 only as well
+        out += [make(f"{kind}_large_alt{i}_{tag}", act, cfg, nested, 1, paired, row_scale)
+                for i, cfg in enumerate(_LARGE_ALTERNATES.get((kind, variant), ()))]
     return out
 
 
@@ -939,6 +1035,11 @@ def _compile_specs() -> list:
             specs.append(_gemv_spec(f"gemv_splitk_{tag}", act, _GEMV, nested))
         specs.append(_spec(f"splitk_reduce_{act}", _splitk_reduce_kernel, act, 4, 1,
                            dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=_SPLIT_REDUCE_BLOCK)))
+    # Split-K sizes are tuned at run time, and 1 stores the output from the GEMM itself.
+    specs.append(_gemv_spec("gemv_nosplit_bf16_nested", "bf16", _GEMV, True, split=1))
+    for kind, make in (("fwd", _gemm_spec), ("dx", _dx_spec)):
+        specs += [make(f"{kind}_m{bound}_nosplit_bf16_nested", "bf16", cfg, True, 1)
+                  for bound, cfg in _TABLES[(kind, "half")].buckets]
     for kind in ("fwd", "dx"):
         specs += _table_specs(kind, "fp32", "fp32", True)
         specs += _table_specs(kind, "odd", "bf16", True)
@@ -951,9 +1052,12 @@ def _compile_specs() -> list:
         lora = (s_dtype, "bf16")
         specs += [_gemm_spec(f"fwd_large_{tag}", "bf16", half.large, True, 1, lora=lora),
                   _gemm_spec(f"fwd_large_sm90_{tag}", "bf16", half.large_sm90, True, 1, lora=lora),
-                  _gemm_spec(f"fwd_m16_splitk_{tag}", "bf16", half.buckets[0][1], True, 4,
-                             lora=lora),
                   _gemv_spec(f"gemv_splitk_{tag}", "bf16", _GEMV, True, lora=lora)]
+        specs += [_gemm_spec(f"fwd_m{bound}_{'splitk' if split > 1 else 'nosplit'}_{tag}", "bf16",
+                             cfg, True, split, lora=lora)
+                  for bound, cfg in half.buckets for split in (4, 1)]
+        specs += [_gemm_spec(f"fwd_large_alt{i}_{tag}", "bf16", cfg, True, 1, lora=lora)
+                  for i, cfg in enumerate(_LARGE_ALTERNATES[("fwd", "half")])]
     specs += [_gemm_spec("fwd_large_fp32_nested_lora_sfp32", "fp32", _TABLES[("fwd", "fp32")].large,
                          True, 1, lora=("fp32", "fp32"))]
     # The dx LoRA epilogue with dropout (r = 64): dS in fp32, A in fp32 (or bf16).
@@ -962,8 +1066,11 @@ def _compile_specs() -> list:
         table, lora = _TABLES[("dx", "half")], ("fp32", a_dtype)
         specs += [_dx_spec(f"dx_large_{tag}", act, table.large, True, 1, lora=lora),
                   _dx_spec(f"dx_large_sm90_{tag}", act, table.large_sm90, True, 1, lora=lora)]
-        specs += [_dx_spec(f"dx_m{bound}_splitk_{tag}", act, cfg, True, 4, lora=lora)
-                  for bound, cfg in table.buckets]
+        specs += [_dx_spec(f"dx_large_alt{i}_{tag}", act, cfg, True, 1, lora=lora)
+                  for i, cfg in enumerate(_LARGE_ALTERNATES[("dx", "half")])]
+        specs += [_dx_spec(f"dx_m{bound}_{'splitk' if split > 1 else 'nosplit'}_{tag}", act, cfg,
+                           True, split, lora=lora)
+                  for bound, cfg in table.buckets for split in ((4, 1) if act == "bf16" else (4,))]
     for variant, act in (("fp32", "fp32"), ("odd", "bf16"), ("odd", "fp32")):
         table, paired = _TABLES[("dx", variant)], variant != "odd"
         tag = f"{act}_nested{'_odd_k' if not paired else ''}_lora_afp32"

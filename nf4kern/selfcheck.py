@@ -5,11 +5,13 @@ The test suite runs the kernels in Triton's interpreter on the CPU; this is the 
 they compile for real, on a GPU. On the CPU it runs the same cases in the interpreter
 (TRITON_INTERPRET=1 is set before triton is imported). Cases: quantize and dequantize (bytes,
 scales and values equal to the reference's), nf4_linear (forward, dx, dbias) and qlora_linear
-(forward, dx, dA, dB, dbias, with and without dropout) within a relative RMS bound per dtype.
+(forward, dx, dA, dB, dbias, with and without dropout) within a relative RMS bound per dtype, and
+every autotuning candidate of the fused matmuls (each config and split-K size the tuner may pick).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -24,6 +26,12 @@ RMS_BOUND = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # M = 1 (GEMV), small M (split-K) and M > 64 (tiled GEMM).
 MATMUL_SHAPES = [(1, 33, 200, 64), (3, 17, 130, 64), (17, 40, 96, 32), (65, 33, 256, 64)]
 LARGE_MATMUL_SHAPES = [(1, 4096, 4096, 64), (16, 4096, 14336, 64), (300, 4096, 4096, 64), (4096, 1024, 4096, 64)]
+# (pass, M, N, K, dtype): split-K sizes (M <= 64) and the large-M GEMM with its alternates.
+CANDIDATE_CASES = [("fwd", 1, 33, 1024, torch.bfloat16), ("fwd", 17, 40, 1024, torch.float16),
+                   ("fwd", 70, 33, 256, torch.bfloat16), ("dx", 3, 1040, 64, torch.bfloat16),
+                   ("dx", 130, 17, 128, torch.float16)]
+LARGE_CANDIDATE_CASES = [("fwd", 16, 4096, 14336, torch.bfloat16), ("fwd", 300, 4096, 4096, torch.bfloat16),
+                         ("dx", 16, 4096, 14336, torch.bfloat16), ("dx", 300, 4096, 4096, torch.float16)]
 QUANT_SHAPES = [((33, 200), 64), ((4099,), 4096), ((3, 5, 7), 32)]
 LARGE_QUANT_SHAPES = [((4096, 14336), 64)]
 
@@ -122,6 +130,55 @@ def check_qlora(M, N, K, blocksize, r, p, dtype, device, gen) -> Result:
     return _compare(f"qlora_linear {str(dtype)[6:]} M={M} N={N} K={K} r={r} p={p}", pairs, dtype)
 
 
+@contextlib.contextmanager
+def _every_candidate(clock):
+    """Within: a fused-matmul call tunes afresh on any device, timing each candidate launch with
+    clock(run) instead of do_bench; the kernels' tuning state is restored on exit."""
+    from nf4kern.kernels import matmul as mm
+
+    saved = mm._tuning_wanted, mm._time_ms, mm._TUNED
+    mm._tuning_wanted, mm._time_ms, mm._TUNED = (lambda device: True), clock, {}
+    try:
+        yield
+    finally:
+        mm._tuning_wanted, mm._time_ms, mm._TUNED = saved
+
+
+def check_candidates(kind, M, N, K, dtype, device, gen) -> Result:
+    """Every autotuning candidate of one fused forward or dx call, and the launch the tuner then
+    keeps, against float64 (the output is poisoned before each launch)."""
+    from nf4kern import reference
+    from nf4kern.kernels import matmul as mm
+    from nf4kern.matmul import _weight_args
+
+    packed, state = _weight(N, K, 64, "nf4", device, gen)
+    args = _weight_args(packed, state)
+    if kind == "fwd":
+        a = torch.randn(M, K, generator=gen).to(dtype).to(device)
+        out = torch.empty(M, N, dtype=dtype, device=device)
+        expect = reference.matmul(a, packed, state)
+        call = lambda: mm.nf4_matmul(a, out=out, **args)  # noqa: E731
+    else:
+        a = torch.randn(M, N, generator=gen).to(dtype).to(device)
+        out = torch.empty(M, K, dtype=dtype, device=device)
+        expect = reference.matmul_dx(a, packed, state)
+        call = lambda: mm.nf4_matmul_dx(a, out=out, **args)  # noqa: E731
+    outputs = []
+
+    def clock(run):
+        out.fill_(float("nan"))
+        run()
+        outputs.append(out.clone())
+        return float(len(outputs) % 3)  # scripted times: the kept launch differs by case
+
+    with _every_candidate(clock):
+        out.fill_(float("nan"))
+        call()
+    pairs = {f"#{i}": (o, expect) for i, o in enumerate(outputs)} | {"kept": (out, expect)}
+    name = f"candidates {kind} {str(dtype)[6:]} M={M} N={N} K={K} ({len(outputs)} timed)"
+    return _compare(name, pairs, dtype)
+
+
 def cases(device: str, large: bool):
     """(callable, args) of every case, smallest first."""
     out = []
@@ -137,6 +194,8 @@ def cases(device: str, large: bool):
     for M, N, K, bs in MATMUL_SHAPES + (LARGE_MATMUL_SHAPES[:3] if large else []):
         for p in (0.0, 0.1):
             out.append((check_qlora, (M, N, K, bs, 8, p, torch.bfloat16, device)))
+    for kind, M, N, K, dtype in CANDIDATE_CASES + (LARGE_CANDIDATE_CASES if large else []):
+        out.append((check_candidates, (kind, M, N, K, dtype, device)))
     return out
 
 

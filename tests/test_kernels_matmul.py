@@ -386,3 +386,124 @@ def test_lora_arguments(rng):
     S, B = torch.randn(2, 3, generator=rng), torch.randn(5, 3, generator=rng)
     y = nf4_matmul(torch.ones(2, 0), lora_s=S, lora_b=B, lora_scale=2.0, **kzero)
     torch.testing.assert_close(y, 2.0 * S @ B.T)
+
+
+# Autotuning. Timing needs a GPU; here a scripted clock stands in for do_bench, so the choice,
+# the cache and every candidate's output are checked under the interpreter.
+# (kind, M, N, K, dtype, nested, bias, LoRA rank)
+TUNE_CASES = [
+    ("fwd", 1, 17, 1024, torch.bfloat16, True, True, 0),    # GEMV, split-K sizes
+    ("fwd", 17, 33, 1024, torch.float16, False, False, 8),  # split-K GEMM with LoRA
+    ("fwd", 70, 33, 128, torch.bfloat16, True, True, 0),    # large M: table GEMM and alternates
+    ("dx", 3, 1040, 64, torch.bfloat16, True, False, 0),    # split over N
+    ("dx", 130, 17, 128, torch.float16, False, False, 0),   # large M
+]
+
+
+def _tuning_call(kind, M, N, K, dtype, nested, bias, r, w, rng):
+    """A call of the case's kernel writing into a returned NaN-poisoned `out`, and the float64
+    operands its result must match."""
+    if kind == "dx":
+        dy = torch.randn(M, N, generator=rng).to(dtype)
+        out = _poisoned((M, K), dtype)
+        return (lambda: nf4_matmul_dx(dy, out=out, **w.args())), out, (dy, w.w_hat, None)
+    x = torch.randn(M, K, generator=rng).to(dtype)
+    b = torch.randn(N, generator=rng).to(dtype) if bias else None
+    S, B = torch.randn(M, r, generator=rng), torch.randn(N, r, generator=rng) * 0.3
+    lora = dict(lora_s=S, lora_b=B, lora_scale=0.5) if r else {}
+    out = _poisoned((M, N), dtype)
+    a = torch.cat([x.double(), 0.5 * S.double()], dim=1)
+    full = torch.cat([w.w_hat.double(), B.double()], dim=1)
+    return (lambda: nf4_matmul(x, bias=b, out=out, **lora, **w.args())), out, (a, full.T, b)
+
+
+@pytest.mark.parametrize("kind,M,N,K,dtype,nested,bias,r", TUNE_CASES)
+def test_autotune_times_every_candidate_and_keeps_the_fastest(kind, M, N, K, dtype, nested, bias,
+                                                               r, monkeypatch, rng):
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    kernel = "_nf4_gemm_dx_kernel" if kind == "dx" else "_nf4_gemv_kernel" if M == 1 else "_nf4_gemm_kernel"
+    spy = _LaunchSpy(getattr(mm, kernel))
+    monkeypatch.setattr(mm, kernel, spy)
+    w = Weight(N, K, 64, "nf4", nested, rng)
+    call, out, (a, b, bias_t) = _tuning_call(kind, M, N, K, dtype, nested, bias, r, w, rng)
+    candidates = mm._candidates(kind, M, N, K, dtype, 64, out.device)
+    assert len(candidates) >= 3 and len(set(candidates)) == len(candidates)
+    # The clock makes the second candidate the fastest, so the choice is not the default.
+    clock = iter([3.0, 1.0] + [2.0] * (len(candidates) - 2))
+    outputs = []
+
+    def time_ms(run):
+        out.fill_(float("nan"))
+        run()
+        outputs.append(out.clone())
+        return next(clock)
+
+    monkeypatch.setattr(mm, "_time_ms", time_ms)
+    call()
+    assert len(outputs) == len(candidates)
+    for c, got in zip(candidates, outputs):
+        assert_matmul_close(got, a, b, bias_t, dtype=dtype, what=f"{kind} M={M} {c}")
+    (key, best), = mm._TUNED.items()
+    assert best == candidates[1]
+    final = spy.launches[-1]
+    assert final["SPLIT_K"] == mm._per_split(*((N, best.cfg.block_n) if kind == "dx" else
+                                               (K, mm._block_k_for(best.cfg.block_k, 64, K))),
+                                             best.split)[0]
+    assert (final["BLOCK_N"], final["num_warps"], final["num_stages"]) == \
+        (best.cfg.block_n, best.cfg.num_warps, best.cfg.num_stages)
+    assert_matmul_close(out, a, b, bias_t, dtype=dtype, what="tuned call")
+    # Cached: the next call of the same bucket runs the winner untimed.
+    monkeypatch.setattr(mm, "_time_ms", lambda run: pytest.fail("timed twice"))
+    n_launches = len(spy.launches)
+    call()
+    assert len(spy.launches) == n_launches + 1 and spy.launches[-1] == final
+
+
+def test_autotune_cache_keys_and_single_candidates(monkeypatch, rng):
+    """M shares a tuning result within a power-of-two bucket; a shape with one candidate (fp32
+    large M has no alternates) is never timed."""
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    timed = []
+    monkeypatch.setattr(mm, "_time_ms", lambda run: timed.append(run) or float(len(timed)))
+    w = Weight(33, 1024, 64, "nf4", True, rng)
+    for M in (17, 20, 32):
+        nf4_matmul(torch.randn(M, 1024, generator=rng, dtype=torch.bfloat16), **w.args())
+    expected = mm._candidates("fwd", 17, 33, 1024, torch.bfloat16, 64, torch.device("cpu"))
+    assert len(mm._TUNED) == 1 and len(timed) == len(expected) > 1
+    nf4_matmul(torch.randn(33, 1024, generator=rng, dtype=torch.bfloat16), **w.args())
+    assert len(mm._TUNED) == 2
+    n = len(timed)
+    nf4_matmul(torch.randn(70, 1024, generator=rng), **w.args())  # fp32, M > 64
+    assert len(timed) == n and len(mm._TUNED) == 2
+
+
+def test_autotune_off_switches(monkeypatch):
+    """Tuning runs on CUDA only, never under the interpreter, with NF4KERN_AUTOTUNE=0 or under
+    torch.use_deterministic_algorithms(True)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not mm._tuning_wanted(cuda)  # the interpreter
+    monkeypatch.setattr(mm, "_interpreting", lambda: False)
+    monkeypatch.delenv("NF4KERN_AUTOTUNE", raising=False)
+    assert mm._tuning_wanted(cuda) and not mm._tuning_wanted(cpu)
+    monkeypatch.setenv("NF4KERN_AUTOTUNE", "0")
+    assert not mm._tuning_wanted(cuda)
+    monkeypatch.setenv("NF4KERN_AUTOTUNE", "1")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not mm._tuning_wanted(cuda)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_split_candidates():
+    """The heuristic split first, then each power of two that leaves every split >= 4 steps."""
+    cpu = torch.device("cpu")
+    assert mm._split_sizes(tiles=1, red=1024, step=64, device=cpu) == [4, 1, 2]
+    assert mm._split_sizes(tiles=10_000, red=4096, step=64, device=cpu) == [1, 2, 4, 8, 16]
+    assert mm._split_sizes(tiles=1, red=128, step=64, device=cpu) == [1]
+    for red, step, split in ((1000, 64, 3), (4096, 64, 16), (64, 64, 2), (0, 64, 1)):
+        n, per = mm._per_split(red, step, split)
+        assert per % step == 0 and n <= split and (n - 1) * per < max(red, 1) and red <= n * per

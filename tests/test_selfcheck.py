@@ -16,8 +16,24 @@ def test_every_case_passes_in_the_interpreter():
     lines = out.getvalue().splitlines()
     assert failures == 0, "\n".join(line for line in lines if line.startswith("FAIL"))
     assert len(lines) == len(selfcheck.cases("cpu", large=False))
-    for kind in ("quant nf4", "quant fp4", "nf4_linear nf4", "nf4_linear fp4", "qlora_linear"):
+    for kind in ("quant nf4", "quant fp4", "nf4_linear nf4", "nf4_linear fp4", "qlora_linear",
+                 "candidates fwd", "candidates dx"):
         assert any(kind in line for line in lines), kind
+    # Each candidate case timed (and checked) several launches.
+    assert all(" 1 timed" not in line and " 0 timed" not in line for line in lines if "candidates" in line)
+
+
+def test_a_wrong_candidate_fails_its_case(monkeypatch):
+    """A split-K size the tuner may pick, broken, fails the candidate check though the default
+    launch is right."""
+    from nf4kern.kernels import matmul as kernels
+
+    real = kernels._per_split
+    monkeypatch.setattr(kernels, "_per_split", lambda red, step, split:
+                        real(red, step, split) if split != 2 else (1, step))  # drops all but one split
+    result = selfcheck.check_candidates("fwd", 1, 33, 1024, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    assert not result.ok and "#" in result.detail
+    assert selfcheck.check_linear(1, 33, 1024, 64, "nf4", torch.bfloat16, "cpu", torch.Generator().manual_seed(0)).ok
 
 
 def test_a_wrong_kernel_fails_its_cases(monkeypatch):
