@@ -257,11 +257,17 @@ def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.T
     compute = _compute_dtype(x.dtype)
     xc = x.to(compute)
     y = torch.empty(x.shape[0], N, dtype=compute)
+    # A bias in the compute dtype joins the GEMM: addmm adds it to the float32 accumulator, so a
+    # bf16 result is rounded once (adding it afterwards would round twice).
+    fused_bias = bias is not None and bias.dtype == compute
     chunks, buffer = _row_chunks(N, K, blocksize, _gemm_chunk(x.shape[0], K))
     for r0, r1 in chunks:
         w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
-        y[:, r0:r1] = xc @ w.to(compute).t()
-    if bias is not None:
+        if fused_bias:
+            y[:, r0:r1] = torch.addmm(bias[r0:r1], xc, w.to(compute).t())
+        else:
+            y[:, r0:r1] = xc @ w.to(compute).t()
+    if bias is not None and not fused_bias:
         y = y.float().add_(bias.float())
     return y
 

@@ -121,6 +121,22 @@ def test_torch_backend_both_bf16_choices(M, native_bf16, monkeypatch, rng):
     _check_linear((M,), 33, 256, 64, "nf4", True, torch.bfloat16, True, "torch", rng)
 
 
+@pytest.mark.parametrize("M", [1, 40])
+def test_bf16_product_rounds_once_with_a_bias(M, monkeypatch, rng):
+    """With native bf16 GEMM, y = x W_hat^T + b is rounded to bf16 once, bias included (bias
+    added after a bf16 GEMM would round twice: ~28% of the outputs then differ by an ulp)."""
+    monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: True)
+    N, K = 96, 16  # a short K: the float32 accumulation is exact, so one rounding is all there is
+    w = torch.randn(N, K, generator=rng)
+    packed, state = nf4kern.quantize_4bit(w, 64, "nf4", double_quant=True)
+    x = torch.randn(M, K, generator=rng).bfloat16()
+    bias = torch.randn(N, generator=rng).bfloat16()
+    y = nf4kern.nf4_linear(x, packed, bias, state, backend="torch")
+    w_hat = nf4kern.dequantize_4bit(packed, state, dtype=torch.bfloat16).double()
+    once = (x.double() @ w_hat.T + bias.double()).bfloat16()
+    assert (y != once).float().mean().item() < 0.01
+
+
 def test_only_bf16_uses_the_bf16_product(monkeypatch):
     monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: True)
     assert torch_ops._compute_dtype(torch.bfloat16) == torch.bfloat16
