@@ -287,14 +287,28 @@ def _gemv(bnb, sd, x, transposed):
     return bnb.functional.gemv_4bit(x, W.t() if transposed else W, state=W.quant_state)
 
 
+def _bnb_gemv_peer(sd, x, transposed):
+    """bitsandbytes' gemv_4bit, or where its CPU gemv is the AVX512-BF16 kernel, what that
+    kernel is meant to compute: it expects the weight in the layout Linear4bit repacks it to
+    for CPU inference and returns garbage (1e22, inf) for the standard layout gemv_4bit is
+    documented to take."""
+    if not real.functional.has_avx512bf16():
+        return _gemv(real, sd, x, transposed)
+    W = real.nn.Params4bit.from_prequantized(sd["weight"], _quant_stats(sd), device="cpu")
+    w = real.functional.dequantize_4bit(W.data, W.quant_state).float()
+    return (x.float() @ w.t()).to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gemv_4bit_single_row(dtype, rng):
-    sd = _bnb_linear_state(48, 130, False, rng)
+    # N = 64: bitsandbytes' AVX512-BF16 gemv aborts the process ("Unexpected block size 1x16")
+    # unless N is a multiple of 32; nf4kern's odd N are tested against the reference elsewhere.
+    sd = _bnb_linear_state(64, 130, False, rng)
     for shape in [(1, 130), (1, 1, 130)]:
         x = randn(shape, dtype, rng)
         for transposed in (True, False):
-            ours, theirs = (_gemv(lib, sd, x, transposed) for lib in (shim, real))
-            assert ours.shape == theirs.shape == (*shape[:-1], 48) and ours.dtype == theirs.dtype == dtype
+            ours, theirs = _gemv(shim, sd, x, transposed), _bnb_gemv_peer(sd, x, transposed)
+            assert ours.shape == theirs.shape == (*shape[:-1], 64) and ours.dtype == theirs.dtype == dtype
             assert _rms_ratio(ours, theirs) < BOUND[dtype]
     for lib in (shim, real):
         with pytest.raises(ValueError, match="state cannot be None"):
