@@ -138,7 +138,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__}, CPU)"
+    # The vector ISA torch dispatches to: CPUs sold under one name differ (AVX2 vs AVX512), and
+    # bitsandbytes' CPU kernels change with it.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({isa}), {torch.get_num_threads()} threads (torch {torch.__version__}, CPU)"
 
 
 def _cpu_flags() -> list[str] | None:

@@ -4,7 +4,10 @@ Peers, measured in the same run on the same bf16 weight (NF4, blocksize 64, doub
 
   nf4kern         nf4kern.nf4_linear (the fused kernel: W is dequantized tile by tile)
   bf16            torch's bf16 matmul on the unquantized weight (cuBLAS on a GPU)
-  bitsandbytes    bnb.matmul_4bit(x, W.t(), quant_state)
+  bitsandbytes    bnb.nn.Linear4bit (compute dtype bf16) holding bitsandbytes' own quantization of
+                  W: what a bitsandbytes user runs. In eval mode for the forward (on CPUs with
+                  AVX512-BF16 it then repacks the weight for its native CPU kernel), in training
+                  mode for forward + backward
   dequant+matmul  nf4kern.dequantize_4bit, then torch's matmul (again in backward), in bf16, or in
                   float32 on CPUs without native bf16 GEMM (as nf4kern's CPU path): the
                   candidate a dispatcher could pick for large M
@@ -131,6 +134,16 @@ def _bnb():
     return bnb
 
 
+def _bnb_layer(bnb, w: torch.Tensor):
+    """A bitsandbytes Linear4bit (NF4, blocksize 64, double quant, bf16 compute) quantizing w."""
+    N, K = w.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True, device="meta")
+    layer.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, blocksize=64, compress_statistics=True,
+                                     quant_type="nf4", module=layer)
+    return layer.to(w.device)
+
+
 def _state_bytes(state) -> int:
     """Bytes of a quantization state's tensors (absmax, code tables, nested state), either library's."""
     total = 0
@@ -152,10 +165,9 @@ class Weights:
         self.packed, self.state = nf4kern.quantize_4bit(self.w, 64, "nf4", double_quant=True)
         self.nf4_bytes = self.packed.numel() * self.packed.element_size() + _state_bytes(self.state)
         bnb = _bnb()
-        self.bnb = bnb
-        if bnb is not None:
-            self.bpacked, self.bstate = bnb.functional.quantize_4bit(self.w, blocksize=64, quant_type="nf4",
-                                                                      compress_statistics=True)
+        # bitsandbytes' layers for the forward (eval) and forward + backward (train) passes.
+        self.bnb = None if bnb is None else {"fwd": _bnb_layer(bnb, self.w).eval(),
+                                             "fwd+bwd": _bnb_layer(bnb, self.w).train()}
 
     def ops(self, pass_: str) -> dict:
         """{peer: x -> y, or the reason it is missing}."""
@@ -168,7 +180,7 @@ class Weights:
             else lambda x: _dequantize_matmul(x, packed, state, compute),
         }
         if self.bnb is not None:
-            ops["bitsandbytes"] = lambda x: self.bnb.matmul_4bit(x, self.bpacked.t(), self.bstate)
+            ops["bitsandbytes"] = self.bnb[pass_]
         return ops
 
     def weight_bytes(self, peer: str) -> int:
