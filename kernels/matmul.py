@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["nf4_matmul", "nf4_matmul_dx", "COMPILE_SPECS"]
 
@@ -618,6 +619,15 @@ def _time_ms(run) -> float:
     return do_bench(run, warmup=5, rep=20)
 
 
+def _timed(run, launch: _Launch) -> float:
+    """run(launch)'s time, or inf where the GPU cannot launch it (shared memory or registers
+    beyond a smaller GPU's limits): the tuner then keeps another candidate."""
+    try:
+        return _time_ms(lambda: run(launch))
+    except OutOfResources:
+        return float("inf")
+
+
 def _choose(key: tuple, candidates: list[_Launch], run, device: torch.device) -> _Launch:
     """The launch for `key`: the cached winner, else the fastest candidate (each timed through
     run(launch), which writes the call's output), else the first."""
@@ -627,7 +637,8 @@ def _choose(key: tuple, candidates: list[_Launch], run, device: torch.device) ->
     if best is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        times = [_time_ms(lambda c=c: run(c)) for c in candidates]
+        times = [_timed(run, c) for c in candidates]
+        # None launches: the first runs, and raises the GPU's error.
         best = _TUNED[key] = candidates[times.index(min(times))]
     return best
 

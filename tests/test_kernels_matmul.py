@@ -507,3 +507,27 @@ def test_split_candidates():
     for red, step, split in ((1000, 64, 3), (4096, 64, 16), (64, 64, 2), (0, 64, 1)):
         n, per = mm._per_split(red, step, split)
         assert per % step == 0 and n <= split and (n - 1) * per < max(red, 1) and red <= n * per
+
+
+def test_autotune_skips_a_candidate_the_gpu_cannot_launch(monkeypatch, rng):
+    """A candidate over a smaller GPU's shared-memory limit is passed over, not fatal."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    calls = []
+
+    def time_ms(run):
+        calls.append(run)
+        if len(calls) == 1:  # the fastest on paper, but too large for this GPU
+            raise OutOfResources(200_000, 101_376, "shared memory")
+        run()
+        return float(len(calls))
+
+    monkeypatch.setattr(mm, "_time_ms", time_ms)
+    w = Weight(33, 1024, 64, "nf4", True, rng)
+    x = torch.randn(17, 1024, generator=rng, dtype=torch.bfloat16)
+    y = nf4_matmul(x, **w.args())
+    candidates = mm._candidates("fwd", 17, 33, 1024, torch.bfloat16, 64, x.device)
+    assert len(calls) == len(candidates) and list(mm._TUNED.values()) == [candidates[1]]
+    assert_matmul_close(y, x, w.w_hat.T, what="after a failed candidate")
