@@ -44,7 +44,7 @@ from torch import nn
 
 from . import codebook as cb
 from .checkpoint import is_quant_state_key
-from .functional import dequantize_4bit, quantize_4bit
+from .functional import NonFiniteError, dequantize_4bit, quantize_4bit
 from .quant_state import QuantState
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -772,6 +772,9 @@ def quantize_entries(name: str, w: torch.Tensor, opts: QuantOptions) -> tuple[di
     """{key: tensor} with bitsandbytes' keys for the 4-bit weight `name`, its state and packed data."""
     try:
         packed, state = quantize_4bit(w, opts.blocksize, opts.quant_type, opts.double_quant, STORAGE[opts.quant_storage])
+    except NonFiniteError as e:  # the API's hint (allow_nonfinite) means nothing on the command line
+        raise ConvertError(f"cannot quantize {name}: {e.count} NaN/inf value(s), the first at {list(e.index)}; "
+                           "4-bit blocks cannot hold them") from None
     except ValueError as e:
         raise ConvertError(f"cannot quantize {name}: {e}") from None
     entries = {name: packed}

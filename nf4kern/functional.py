@@ -128,6 +128,17 @@ def _check_storage(quant_storage, nbytes: int) -> int:
     return nbytes // itemsize
 
 
+class NonFiniteError(ValueError):
+    """NaN or inf in a tensor to quantize: `count` of them, the first at `index` (of A's shape)."""
+
+    def __init__(self, count: int, index: tuple[int, ...], value: float):
+        self.count, self.index, self.value = count, index, value
+        super().__init__(
+            f"A has {count} non-finite value(s) (NaN or inf); the first is A{list(index)} = {value}. "
+            "Pass allow_nonfinite=True to quantize anyway (those blocks do not decode to their values)."
+        )
+
+
 def _check_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> None:
     """A block's absmax is finite iff the block is: only blocks that fail are searched."""
     bad_blocks = (~torch.isfinite(absmax)).nonzero().reshape(-1)
@@ -142,7 +153,4 @@ def _check_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> None
         if first is None:
             first = b * blocksize + bad[0].item()
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), A.shape))
-    raise ValueError(
-        f"A has {count} non-finite value(s) (NaN or inf); the first is A{list(index)} = {flat[first].item()}. "
-        "Pass allow_nonfinite=True to quantize anyway (those blocks do not decode to their values)."
-    )
+    raise NonFiniteError(count, index, flat[first].item())

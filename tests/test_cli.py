@@ -333,6 +333,21 @@ def test_inspect_float_and_quantized(tmp_path, capsys):
     assert row[2:6] == ["nf4", "64", "off", "uint8"] and 4.5 < float(row[6]) < 4.7
 
 
+def test_quantize_names_a_non_finite_weight_in_command_line_terms(tmp_path):
+    """quantize refuses a weight with NaN or inf: one line naming it, how many and where, without
+    the Python API's allow_nonfinite hint; OUT is not written."""
+    tensors = layer_tensors(9)
+    bad = "model.layers.0.mlp.up_proj.weight"
+    tensors[bad][3, 5] = float("nan")
+    tensors[bad][7, 0] = float("inf")
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    safetensors_torch.save_file(tensors, path)
+    proc = run("quantize", path, out, check=False)
+    assert proc.returncode == 1 and not out.exists() and proc.stdout == ""
+    assert proc.stderr == f"nf4kern: error: cannot quantize {bad}: 2 NaN/inf value(s), the first at [3, 5]; " \
+                          "4-bit blocks cannot hold them\n"
+
+
 def test_inspect_reports_a_non_finite_tensor_and_fails_at_the_end(tmp_path, capsys):
     """A weight with NaN or inf gets a row saying so, the others are reported as usual, and the
     command exits 1 after the whole report, with one line on stderr."""

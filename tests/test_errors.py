@@ -279,3 +279,13 @@ def test_backend_selection(monkeypatch, rng):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         nf4kern.quantize_4bit(x, backend="triton")
+
+
+def test_non_finite_error_carries_count_and_first_index():
+    A = torch.zeros(4, 100)
+    A[1, 70] = float("-inf")
+    A[3, 2] = float("nan")
+    with pytest.raises(nf4kern.NonFiniteError) as info:
+        nf4kern.quantize_4bit(A, blocksize=64)
+    assert isinstance(info.value, ValueError)
+    assert (info.value.count, info.value.index, info.value.value) == (2, (1, 70), float("-inf"))
