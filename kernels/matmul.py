@@ -1,6 +1,6 @@
 """Fused 4-bit (NF4/FP4) matmuls: y = x @ W_hat^T + bias and dx = dy @ W_hat.
 
-W_hat [N, K] is never materialised: every kernel loads the packed bytes of one weight tile,
+The fused kernels never materialise W_hat [N, K]: each loads the packed bytes of one weight tile,
 splits the nibbles, looks the codes up in the 16-entry fp32 code table, decodes the block scale
 of each element from its flat block index (plain fp32 absmax, or nested: 8-bit code -> dynamic
 map * nested absmax + offset), multiplies in fp32, and feeds the tile to the tensor cores.
@@ -18,6 +18,8 @@ fastest, see "Autotuning"; the interpreter takes the defaults):
 * M > 64: the same kernels as a tiled GEMM (128 x 128 x 32 forward, 128 x 64 output x 32 for dx,
   8 warps, grouped program order so weight tiles are reused from L2); on sm_90 with
   K % blocksize == 0, 256-row tiles. On sm_90 the tl.dot lowers to wgmma.
+* M > 64, tuned: `_DENSE`, the dequantize kernel (kernels.quant) writing W_hat, then torch's
+  GEMM, where the autotuner finds it faster (fp16/bf16, no LoRA epilogue).
 * dx = dy @ W_hat reads the weight tile in its natural [n, k] orientation (reduction over N);
   the forward transposes the dequantized [n, k] tile in-kernel (tl.trans).
 * LoRA epilogue (forward, optional): y += lora_scale * lora_s @ lora_b^T on the fp32
@@ -46,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from . import quant
 
 __all__ = ["nf4_matmul", "nf4_matmul_dx", "COMPILE_SPECS"]
 
@@ -551,8 +555,10 @@ def _pick(kind: str, M: int, dtype: torch.dtype, K: int, blocksize: int,
 # ------------------------------------------------------------------------------------------------
 # On a GPU, the first call of each (pass, M bucket, N, K, blocksize, dtypes, epilogues) times its
 # candidate launches and keeps the fastest for the rest of the process: for M <= 64 the table's
-# config at every split-K size from 1 to _MAX_SPLIT, for larger M (K % blocksize == 0) the
-# table's GEMM and the alternates below. The table's own choice comes first and is what runs
+# config at every split-K size from 1 to _MAX_SPLIT, for larger M the table's GEMM, the
+# alternates below (K % blocksize == 0) and, for fp16/bf16 without a LoRA epilogue, the
+# unfused "dequantize kernel, then torch's GEMM (cuBLAS)" (_DENSE: it writes the whole W_hat,
+# N*K elements, for the call). The table's own choice comes first and is what runs
 # untimed: under the interpreter, with NF4KERN_AUTOTUNE=0, under
 # torch.use_deterministic_algorithms(True) (a tuned split-K size changes the fp32 summation
 # order, so two processes could differ in the last bits), and while a CUDA graph is captured
@@ -566,9 +572,13 @@ _TUNED: dict = {}
 
 @dataclass(frozen=True)
 class _Launch:
-    """One candidate launch: a config and how many ways the reduction is split."""
-    cfg: _Config
+    """One candidate launch: a config and how many ways the reduction is split; cfg None is
+    _DENSE."""
+    cfg: _Config | None
     split: int
+
+
+_DENSE = _Launch(None, 1)
 
 
 def _split_sizes(tiles: int, red: int, step: int, device: torch.device) -> list[int]:
@@ -587,8 +597,9 @@ def _per_split(red: int, step: int, split: int) -> tuple[int, int]:
 
 
 def _candidates(kind: str, M: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
-                device: torch.device) -> list[_Launch]:
-    """The launches worth timing for a forward ("fwd") or dx call, the table's choice first."""
+                device: torch.device, dense: bool = False) -> list[_Launch]:
+    """The launches worth timing for a forward ("fwd") or dx call, the table's choice first;
+    dense: whether the call may take _DENSE at large M."""
     if M == 1 and kind == "fwd":
         cfgs = [_GEMV if K % 2 == 0 else _GEMV_ODD_K]
     else:
@@ -597,7 +608,7 @@ def _candidates(kind: str, M: int, N: int, K: int, dtype: torch.dtype, blocksize
         if _variant(dtype, K) == "half" and K % blocksize == 0:
             table = _TABLES[(kind, "half")]
             cfgs += [c for c in (table.large, *_LARGE_ALTERNATES[(kind, "half")]) if c != cfgs[0]]
-        return [_Launch(c, 1) for c in cfgs]
+        return [_Launch(c, 1) for c in cfgs] + ([_DENSE] if dense else [])
     cfg = cfgs[0]
     block_k = _block_k_for(cfg.block_k, blocksize, K)
     if kind == "fwd":  # output tiles over N, reduction over K in block_k steps
@@ -700,6 +711,16 @@ def _weight_args(packed, code, absmax, N, K, blocksize, nested, device):
     offset = offset.reshape(1).to(torch.float32)
     dmap = dmap.reshape(-1).to(torch.float32).contiguous()
     return packed, code, nested_absmax, qabsmax, nested_absmax, offset, dmap, True
+
+
+def _dense_weight(weight: tuple, is_nested: bool, N: int, K: int, blocksize: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """W_hat, all N*K of it, in dtype (flat): the dequantize kernel on the kernels' weight
+    arguments, for the _DENSE launch."""
+    pk, code, absmax, qabsmax, nested_absmax, offset, _ = weight
+    if is_nested:
+        return quant.dequantize_with_code(pk, code, qabsmax, N * K, blocksize, dtype, nested_absmax, offset)
+    return quant.dequantize_with_code(pk, code, absmax, N * K, blocksize, dtype)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -831,6 +852,13 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
     row_scale = K % blocksize == 0
 
     def run(launch: _Launch) -> None:
+        if launch is _DENSE:
+            w = _dense_weight(weight, is_nested, N, K, blocksize, x.dtype).view(N, K)
+            if has_bias:
+                torch.addmm(bias_arg, x, w.t(), out=buf)
+            else:
+                torch.mm(x, w.t(), out=buf)
+            return
         cfg = launch.cfg
         block_k = _block_k_for(cfg.block_k, blocksize, K)
         split, per_split = _per_split(K, block_k, launch.split)
@@ -855,7 +883,10 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
                 ws, bias_arg, buf, M, N, buf.stride(0),
                 SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
 
-    candidates = _candidates("fwd", M, N, K, x.dtype, blocksize, device)
+    # _DENSE rounds once only where the result, the bias and the GEMM share x's dtype.
+    dense = x.dtype != torch.float32 and out_dtype == x.dtype and not has_lora and \
+        (bias is None or bias.dtype == x.dtype)
+    candidates = _candidates("fwd", M, N, K, x.dtype, blocksize, device, dense)
     key = ("fwd", _m_bucket(M), N, K, blocksize, x.dtype, out_dtype, is_nested, has_bias,
            has_lora and (lora["LORA_BLOCK_R"], lora_s.dtype, lora_b.dtype), device)
     run(_choose(key, candidates, run, device))
@@ -902,6 +933,11 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
     row_scale = K % blocksize == 0
 
     def run(launch: _Launch) -> None:
+        if launch is _DENSE:
+            w = _dense_weight((pk, code, absmax, qabsmax, nested_absmax, offset, dmap), is_nested, N, K,
+                              blocksize, dy.dtype)
+            torch.mm(dy, w.view(N, K), out=buf)
+            return
         cfg = launch.cfg
         block_k = _block_k_for(cfg.block_k, blocksize, K)
         split, per_split = _per_split(N, cfg.block_n, launch.split)
@@ -920,7 +956,8 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
                 ws, ws, buf, M, K, buf.stride(0),
                 SPLIT_K=split, HAS_BIAS=False, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
 
-    candidates = _candidates("dx", M, N, K, dy.dtype, blocksize, device)
+    dense = dy.dtype != torch.float32 and out_dtype == dy.dtype and not has_lora
+    candidates = _candidates("dx", M, N, K, dy.dtype, blocksize, device, dense)
     key = ("dx", _m_bucket(M), N, K, blocksize, dy.dtype, out_dtype, is_nested,
            has_lora and (lora["LORA_BLOCK_R"], lora["DROPOUT"], lora_ds.dtype, lora_a.dtype),
            device)

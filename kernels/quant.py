@@ -45,7 +45,7 @@ import triton.language as tl
 
 from nf4kern import codebook as cb
 
-__all__ = ["quantize_blocks", "quantize_nested", "dequantize", "COMPILE_SPECS"]
+__all__ = ["quantize_blocks", "quantize_nested", "dequantize", "dequantize_with_code", "COMPILE_SPECS"]
 
 # ------------------------------------------------------------------------------------------------
 # Constants held in the kernels (exact float32 values, written as the float64 that equals them)
@@ -443,8 +443,18 @@ def dequantize(packed, absmax, n, blocksize, quant_type, out_dtype, nested_absma
     """packed uint8 [ceil(n/2)]; absmax fp32 [B] (plain) or uint8 [B] (nested codes, then
     nested_absmax fp32 [ceil(B/256)] and offset fp32 0-dim are given). Returns flat [n] in
     out_dtype (or writes `out`). Both scale levels are decoded in one launch."""
-    cb.check_blocksize(blocksize)
     cb.check_quant_type(quant_type)
+    return dequantize_with_code(packed, _table(quant_type, packed.device), absmax, n, blocksize, out_dtype,
+                                nested_absmax, offset, out=out)
+
+
+def dequantize_with_code(packed, code, absmax, n, blocksize, out_dtype, nested_absmax=None, offset=None,
+                         *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dequantize with the 16 code values given as a float32 tensor on packed's device (as the
+    matmul kernels take them) instead of a quant_type."""
+    cb.check_blocksize(blocksize)
+    if code.dtype != torch.float32 or code.numel() != 16 or code.device != packed.device:
+        raise ValueError(f"code must be 16 float32 values on {packed.device}")
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     n = int(n)
@@ -477,7 +487,7 @@ def dequantize(packed, absmax, n, blocksize, quant_type, out_dtype, nested_absma
     rows = _rows(blocksize)
     grid = (triton.cdiv(nblocks, rows),)
     _dequantize_kernel[grid](
-        packed, _table(quant_type, device), absmax,
+        packed, code.reshape(-1).contiguous(), absmax,
         nested_absmax if nested else dmap, offset if nested else dmap, dmap, result, n,
         BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested,
         BF16_BITS=out_dtype == torch.bfloat16 and _interpreted(), num_warps=_NUM_WARPS, **_LAUNCH_OPTS)

@@ -427,7 +427,8 @@ def test_autotune_times_every_candidate_and_keeps_the_fastest(kind, M, N, K, dty
     monkeypatch.setattr(mm, kernel, spy)
     w = Weight(N, K, 64, "nf4", nested, rng)
     call, out, (a, b, bias_t) = _tuning_call(kind, M, N, K, dtype, nested, bias, r, w, rng)
-    candidates = mm._candidates(kind, M, N, K, dtype, 64, out.device)
+    candidates = mm._candidates(kind, M, N, K, dtype, 64, out.device, dense=dtype != torch.float32 and not r)
+    assert (mm._DENSE in candidates) == (M > 64)
     assert len(candidates) >= 3 and len(set(candidates)) == len(candidates)
     # The clock makes the second candidate the fastest, so the choice is not the default.
     clock = iter([3.0, 1.0] + [2.0] * (len(candidates) - 2))
@@ -531,3 +532,51 @@ def test_autotune_skips_a_candidate_the_gpu_cannot_launch(monkeypatch, rng):
     candidates = mm._candidates("fwd", 17, 33, 1024, torch.bfloat16, 64, x.device)
     assert len(calls) == len(candidates) and list(mm._TUNED.values()) == [candidates[1]]
     assert_matmul_close(y, x, w.w_hat.T, what="after a failed candidate")
+
+
+@pytest.mark.parametrize("kind,bias", [("fwd", True), ("fwd", False), ("dx", False)])
+def test_autotune_may_keep_dequantize_then_gemm(kind, bias, monkeypatch, rng):
+    """At large M the unfused dequantize + torch GEMM is a candidate (fp16/bf16, no LoRA); kept,
+    it gives the product without any fused-kernel launch."""
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    kernel = "_nf4_gemm_dx_kernel" if kind == "dx" else "_nf4_gemm_kernel"
+    spy = _LaunchSpy(getattr(mm, kernel))
+    monkeypatch.setattr(mm, kernel, spy)
+    w = Weight(40, 130, 64, "fp4", True, rng)  # K straddles blocks: dense is the only alternative
+    M, dtype = 70, torch.bfloat16
+    if kind == "fwd":
+        x = torch.randn(M, 130, generator=rng).to(dtype)
+        b = torch.randn(40, generator=rng).to(dtype) if bias else None
+        candidates = mm._candidates("fwd", M, 40, 130, dtype, 64, x.device, dense=True)
+        times = iter([2.0, 1.0])
+        monkeypatch.setattr(mm, "_time_ms", lambda run: run() or next(times))
+        y = nf4_matmul(x, bias=b, out=_poisoned((M, 40), dtype), **w.args())
+        assert_matmul_close(y, x, w.w_hat.T, b, what="dense forward")
+    else:
+        dy = torch.randn(M, 40, generator=rng).to(dtype)
+        candidates = mm._candidates("dx", M, 40, 130, dtype, 64, dy.device, dense=True)
+        times = iter([2.0, 1.0])
+        monkeypatch.setattr(mm, "_time_ms", lambda run: run() or next(times))
+        y = nf4_matmul_dx(dy, out=_poisoned((M, 130), dtype), **w.args())
+        assert_matmul_close(y, dy, w.w_hat, what="dense dx")
+    assert candidates == [candidates[0], mm._DENSE] and list(mm._TUNED.values()) == [mm._DENSE]
+    assert len(spy.launches) == 1  # timing the fused candidate; the kept call launched none
+
+
+def test_dequantize_then_gemm_only_where_it_rounds_as_the_fused_kernel(monkeypatch, rng):
+    """Not offered with a LoRA epilogue, fp32 operands, an output dtype other than the input's,
+    or a bias in another dtype: there the only candidate left is the fused GEMM, never timed."""
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    monkeypatch.setattr(mm, "_time_ms", lambda run: pytest.fail("timed a single candidate"))
+    w = Weight(40, 130, 64, "nf4", True, rng)
+    x = torch.randn(70, 130, generator=rng, dtype=torch.bfloat16)
+    lora = dict(lora_s=torch.randn(70, 4, generator=rng), lora_b=torch.randn(40, 4, generator=rng))
+    nf4_matmul(x, **lora, **w.args())
+    nf4_matmul(x.float(), **w.args())
+    nf4_matmul(x, out_dtype=torch.float32, **w.args())
+    nf4_matmul(x, bias=torch.zeros(40), **w.args())
+    nf4_matmul_dx(torch.randn(70, 40, generator=rng, dtype=torch.bfloat16), out_dtype=torch.float32,
+                  **w.args())
+    assert mm._TUNED == {}

@@ -163,6 +163,26 @@ def test_dequantize_arbitrary_codes_and_scales(quant_type, dtype, rng):
                          quant_type, dtype)
 
 
+def test_dequantize_with_a_code_table(rng):
+    """dequantize_with_code decodes with the table it is given (the matmul kernels' form of the
+    code): any 16 values, product with the scale rounded once; a bad table is refused."""
+    n, blocksize = 64 * 5 + 7, 64
+    packed = torch.randint(0, 256, ((n + 1) // 2,), generator=rng, dtype=torch.uint8)
+    absmax = torch.rand(-(-n // blocksize), generator=rng) + 0.5
+    code = torch.randn(16, generator=rng)
+    out = torch.full((n,), float("nan"), dtype=torch.bfloat16)
+    got = quant.dequantize_with_code(packed, code, absmax, n, blocksize, torch.bfloat16, out=out)
+    nib = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
+    expect = (code[nib] * absmax.repeat_interleave(blocksize)[:n]).to(torch.bfloat16)
+    assert got is out and torch.equal(got, expect)
+    nf4 = torch.from_numpy(cb.codebook("nf4").copy())
+    assert torch.equal(quant.dequantize_with_code(packed, nf4, absmax, n, blocksize, torch.float16),
+                       quant.dequantize(packed, absmax, n, blocksize, "nf4", torch.float16))
+    for bad in (code[:15], code.double()):
+        with pytest.raises(ValueError, match="code must be 16 float32 values"):
+            quant.dequantize_with_code(packed, bad, absmax, n, blocksize, torch.float32)
+
+
 @pytest.mark.parametrize("quant_type", cb.QUANT_TYPES)
 def test_public_api_with_double_quant_and_bf16_storage(quant_type, rng):
     """quantize_4bit / dequantize_4bit with backend="triton" give the bytes, state and values of
