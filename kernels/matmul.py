@@ -51,7 +51,7 @@ from triton.runtime.errors import OutOfResources
 
 from . import quant
 
-__all__ = ["nf4_matmul", "nf4_matmul_dx", "COMPILE_SPECS"]
+__all__ = ["nf4_matmul", "nf4_matmul_dx", "tuning_report", "COMPILE_SPECS"]
 
 _NESTED_BLOCKSIZE = 256
 
@@ -652,6 +652,20 @@ def _choose(key: tuple, candidates: list[_Launch], run, device: torch.device) ->
         # None launches: the first runs, and raises the GPU's error.
         best = _TUNED[key] = candidates[times.index(min(times))]
     return best
+
+
+def tuning_report() -> list[str]:
+    """One line per shape the autotuner has timed in this process: the pass, the M bucket, the
+    weight, the activation dtype, and the launch it kept."""
+    lines = []
+    for key, launch in _TUNED.items():
+        kind, bucket, N, K, blocksize, dtype = key[:6]
+        what = "dequantize + torch GEMM" if launch is _DENSE else (
+            f"{launch.cfg.block_m}x{launch.cfg.block_n}x{launch.cfg.block_k} tiles, "
+            f"{launch.cfg.num_warps} warps, {launch.cfg.num_stages} stages, split-K {launch.split}")
+        lines.append(f"{kind} M <= {bucket}, N = {N}, K = {K}, blocksize {blocksize}, "
+                     f"{str(dtype).removeprefix('torch.')}: {what}")
+    return lines
 
 
 def _m_bucket(M: int) -> int:

@@ -580,3 +580,18 @@ def test_dequantize_then_gemm_only_where_it_rounds_as_the_fused_kernel(monkeypat
     nf4_matmul_dx(torch.randn(70, 40, generator=rng, dtype=torch.bfloat16), out_dtype=torch.float32,
                   **w.args())
     assert mm._TUNED == {}
+
+
+def test_tuning_report_names_each_kept_launch(monkeypatch, rng):
+    monkeypatch.setattr(mm, "_tuning_wanted", lambda device: True)
+    monkeypatch.setattr(mm, "_TUNED", {})
+    times = iter([2.0, 1.0, 3.0] + [3.0, 3.0, 3.0, 1.0])
+    monkeypatch.setattr(mm, "_time_ms", lambda run: run() or next(times))
+    assert mm.tuning_report() == []
+    w = Weight(40, 1024, 64, "nf4", True, rng)
+    nf4_matmul(torch.randn(3, 1024, generator=rng, dtype=torch.bfloat16), **w.args())  # 3 split sizes
+    nf4_matmul(torch.randn(70, 1024, generator=rng, dtype=torch.bfloat16), **w.args())  # 3 GEMMs, dense
+    first, second = mm.tuning_report()
+    split = mm._candidates("fwd", 3, 40, 1024, torch.bfloat16, 64, w.packed.device)[1].split
+    assert first == f"fwd M <= 4, N = 40, K = 1024, blocksize 64, bfloat16: 16x64x64 tiles, 4 warps, 4 stages, split-K {split}"
+    assert second == "fwd M <= 128, N = 40, K = 1024, blocksize 64, bfloat16: dequantize + torch GEMM"

@@ -312,8 +312,19 @@ def run(device: str, mode: str = "default", shapes=None, ms=None, repeat: int | 
     verdicts = [row[-1].rsplit(": ", 1)[-1] for row in rows if row[-1]]
     summary = (f"Goals in this run: {verdicts.count('meets')} met, {verdicts.count('misses')} missed"
                + (f", {verdicts.count(NOT_MEASURED)} not measured" if NOT_MEASURED in verdicts else "") + ".")
-    notes = "\n".join(n for n in (summary if verdicts else "", _missing_note(missing, len(full))) if n)
+    notes = "\n".join(n for n in (summary if verdicts else "", _missing_note(missing, len(full)),
+                                  _tuning_note(device)) if n)
     return common.Section(f"NF4 matmul ({device})", intro, common.table(HEADERS, rows), notes)
+
+
+def _tuning_note(device: str) -> str:
+    """What nf4kern's autotuner kept for each shape it timed in this run (on a GPU)."""
+    if device != "cuda":
+        return ""
+    from nf4kern.kernels import matmul as kernels
+
+    lines = kernels.tuning_report()
+    return "Autotuner's choices in this run:\n" + "\n".join(f"* {line}" for line in lines) if lines else ""
 
 
 def _missing_note(missing: list, total: int) -> str:
