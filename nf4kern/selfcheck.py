@@ -6,7 +6,8 @@ they compile for real, on a GPU. On the CPU it runs the same cases in the interp
 (TRITON_INTERPRET=1 is set before triton is imported). Cases: quantize and dequantize (bytes,
 scales and values equal to the reference's), nf4_linear (forward, dx, dbias) and qlora_linear
 (forward, dx, dA, dB, dbias, with and without dropout) within a relative RMS bound per dtype, and
-every autotuning candidate of the fused matmuls (each config and split-K size the tuner may pick).
+every autotuning candidate of the fused matmuls (each config and split-K size the tuner may pick);
+with --large on a GPU, tensors past 2**31 elements.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ CANDIDATE_CASES = [("fwd", 1, 33, 1024, torch.bfloat16), ("fwd", 17, 40, 1024, t
                    ("dx", 130, 17, 128, torch.float16)]
 LARGE_CANDIDATE_CASES = [("fwd", 16, 4096, 14336, torch.bfloat16), ("fwd", 300, 4096, 4096, torch.bfloat16),
                          ("dx", 16, 4096, 14336, torch.bfloat16), ("dx", 300, 4096, 4096, torch.float16)]
+# Past 2**31 elements (64-bit offsets in every kernel; GPU only: the interpreter is far too slow):
+# a weight that is zero but for its last blocks / rows, which are checked against the reference
+# run on them alone.
+HUGE_ELEMENTS = 2**31 + 4096 * 3 + 64 * 5 + 7
+HUGE_LINEAR = (2**31 // 4096 + 5, 4096)  # (N, K): N * K > 2**31
 QUANT_SHAPES = [((33, 200), 64), ((4099,), 4096), ((3, 5, 7), 32)]
 LARGE_QUANT_SHAPES = [((4096, 14336), 64)]
 
@@ -179,6 +185,58 @@ def check_candidates(kind, M, N, K, dtype, device, gen) -> Result:
     return _compare(name, pairs, dtype)
 
 
+def check_huge_quant(n, dtype, device, gen, tail_blocks=7) -> Result:
+    """quantize / dequantize of n elements, zero but for the last tail_blocks blocks and the partial
+    one: their bytes, scales and values equal the reference's on that tail alone."""
+    import nf4kern
+
+    blocksize = 64
+    start = max(0, (n // blocksize - tail_blocks) * blocksize)
+    w = torch.zeros(n, dtype=dtype, device=device)
+    tail = (torch.randn(n - start, generator=gen) * 0.05).to(dtype)
+    w[start:] = tail.to(device)
+    packed, state = nf4kern.quantize_4bit(w, blocksize, "nf4", backend="triton")
+    ref_packed, ref_state = nf4kern.quantize_4bit(tail, blocksize, "nf4", backend="reference")
+    values = nf4kern.dequantize_4bit(packed, state, backend="triton")
+    checks = {"packed": (packed.reshape(-1)[start // 2:], ref_packed.reshape(-1)),
+              "absmax": (state.absmax[start // blocksize:], ref_state.absmax),
+              "dequantized": (values[start:], nf4kern.dequantize_4bit(ref_packed, ref_state, backend="reference")),
+              "zeros": (values[:start].abs().amax() if start else torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype))}
+    differ = [what for what, (a, b) in checks.items() if not _same_bits(a, b)]
+    name = f"quant huge nf4 {str(dtype)[6:]} n={n} (2**31{n - 2**31:+d})"
+    return Result(name, not differ, "tail bit-exact" if not differ else "differs: " + ", ".join(differ))
+
+
+def check_huge_linear(N, K, M, dtype, device, gen, tail_rows=3) -> Result:
+    """nf4_linear forward and dx on an [N, K] weight, zero but for its last tail_rows rows (K a
+    multiple of the blocksize): the output columns / the dx from those rows against float64 on
+    them alone, the other columns exactly zero."""
+    import nf4kern
+    from nf4kern import matmul as ops
+    from nf4kern import reference
+
+    r0 = N - tail_rows
+    w = torch.zeros(N, K, dtype=torch.bfloat16, device=device)
+    tail = (torch.randn(tail_rows, K, generator=gen) * 0.05).to(torch.bfloat16)
+    w[r0:] = tail.to(device)
+    packed, state = nf4kern.quantize_4bit(w, 64, "nf4", backend="triton")
+    del w
+    tail_packed, tail_state = nf4kern.quantize_4bit(tail, 64, "nf4", backend="reference")
+    x = torch.randn(M, K, generator=gen).to(dtype).to(device)
+    dy = torch.zeros(M, N, dtype=dtype, device=device)
+    dy_tail = torch.randn(M, tail_rows, generator=gen).to(dtype)
+    dy[:, r0:] = dy_tail.to(device)
+    y = nf4kern.nf4_linear(x, packed, None, state, backend="triton")
+    dx = ops.nf4_matmul_dx(dy, packed, state, backend="triton")
+    pairs = {"y tail": (y[:, r0:], reference.matmul(x, tail_packed, tail_state)),
+             "dx": (dx, reference.matmul_dx(dy_tail, tail_packed, tail_state))}
+    result = _compare(f"nf4_linear huge {str(dtype)[6:]} M={M} N={N} K={K} (N*K = 2**31{N * K - 2**31:+d})",
+                      pairs, dtype)
+    if bool(y[:, :r0].any()):
+        return Result(result.name, False, "output columns of zero rows are not zero; " + result.detail)
+    return result
+
+
 def cases(device: str, large: bool):
     """(callable, args) of every case, smallest first."""
     out = []
@@ -196,6 +254,10 @@ def cases(device: str, large: bool):
             out.append((check_qlora, (M, N, K, bs, 8, p, torch.bfloat16, device)))
     for kind, M, N, K, dtype in CANDIDATE_CASES + (LARGE_CANDIDATE_CASES if large else []):
         out.append((check_candidates, (kind, M, N, K, dtype, device)))
+    if large and device == "cuda":
+        out.append((check_huge_quant, (HUGE_ELEMENTS, torch.bfloat16, device)))
+        for M in (1, 17, 300):
+            out.append((check_huge_linear, (*HUGE_LINEAR, M, torch.bfloat16, device)))
     return out
 
 

@@ -69,3 +69,34 @@ def test_main_reports_and_sets_the_exit_status(monkeypatch, capsys):
     assert selfcheck.main(["--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "ok    good" in out and "FAIL  bad" in out and "1 of 2 cases passed on cpu" in out
+
+
+def test_huge_cases_at_a_small_size():
+    """The past-2**31 cases (GPU only, with --large) check the right tail: run here on small
+    sizes they pass, and only on a GPU do they join the list."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (64 * 9 + 7, 64 * 3):
+        assert selfcheck.check_huge_quant(n, torch.bfloat16, "cpu", gen).ok
+    for M in (1, 17, 70):
+        result = selfcheck.check_huge_linear(40, 128, M, torch.bfloat16, "cpu", gen)
+        assert result.ok, result.detail
+    assert not any(fn in (selfcheck.check_huge_quant, selfcheck.check_huge_linear)
+                   for fn, _ in selfcheck.cases("cpu", large=True))
+    huge = [args for fn, args in selfcheck.cases("cuda", large=True)
+            if fn in (selfcheck.check_huge_quant, selfcheck.check_huge_linear)]
+    assert huge[0][0] > 2**31 and all(N * K > 2**31 for N, K, *_ in huge[1:])
+
+
+def test_a_huge_case_fails_on_a_wrong_tail(monkeypatch):
+    from nf4kern.kernels import quant as kernels
+
+    real = kernels.dequantize
+
+    def last_value_off(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[-1] += 1
+        return out
+
+    monkeypatch.setattr(kernels, "dequantize", last_value_off)
+    result = selfcheck.check_huge_quant(64 * 9 + 7, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    assert not result.ok and "dequantized" in result.detail
