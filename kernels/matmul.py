@@ -490,8 +490,9 @@ _TABLES = {
     ("fwd", "odd"): _Table(((16, _Config(16, 64, 32, 1, 4, 2)),
                             (64, _Config(64, 32, 32, 1, 4, 2))),
                            _Config(128, 64, 32, 8, 8, 2)),
-    # dx, M <= 16: 16 x 32 output tiles (16 x 64 spills on sm_80 with 3.6).
-    ("dx", "odd"): _Table(((16, _Config(16, 64, 32, 1, 4, 2)),
+    # dx, M <= 16: 16 x 32 output tiles (16 x 64 spills on sm_80 with 3.6) and a 32-row N step
+    # (64 spills fp32 at split-K 1 on sm_80 with 3.6).
+    ("dx", "odd"): _Table(((16, _Config(16, 32, 32, 1, 4, 2)),
                            (64, _Config(64, 32, 64, 1, 4, 2))),
                           _Config(128, 32, 64, 8, 8, 2)),
 }
@@ -1097,11 +1098,17 @@ def _compile_specs() -> list:
             specs.append(_gemv_spec(f"gemv_splitk_{tag}", act, _GEMV, nested))
         specs.append(_spec(f"splitk_reduce_{act}", _splitk_reduce_kernel, act, 4, 1,
                            dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=_SPLIT_REDUCE_BLOCK)))
-    # Split-K sizes are tuned at run time, and 1 stores the output from the GEMM itself.
-    specs.append(_gemv_spec("gemv_nosplit_bf16_nested", "bf16", _GEMV, True, split=1))
+    # Split-K sizes are tuned at run time, and 1 stores the output from the GEMM itself: every
+    # bucket of every variant, and the GEMVs, at split-K 1 too.
+    specs += [_gemv_spec("gemv_nosplit_bf16_nested", "bf16", _GEMV, True, split=1),
+              _gemv_spec("gemv_nosplit_bf16_nested_odd_k", "bf16", _GEMV_ODD_K, True, paired=False,
+                         row_scale=False, split=1)]
     for kind, make in (("fwd", _gemm_spec), ("dx", _dx_spec)):
-        specs += [make(f"{kind}_m{bound}_nosplit_bf16_nested", "bf16", cfg, True, 1)
-                  for bound, cfg in _TABLES[(kind, "half")].buckets]
+        for variant, act in (("half", "bf16"), ("fp32", "fp32"), ("odd", "bf16"), ("odd", "fp32")):
+            paired = variant != "odd"
+            tag = f"{act}_nested" + ("" if paired else "_odd_k")
+            specs += [make(f"{kind}_m{bound}_nosplit_{tag}", act, cfg, True, 1, paired, paired)
+                      for bound, cfg in _TABLES[(kind, variant)].buckets]
     for kind in ("fwd", "dx"):
         specs += _table_specs(kind, "fp32", "fp32", True)
         specs += _table_specs(kind, "odd", "bf16", True)
