@@ -456,14 +456,16 @@ def _spec(name, kernel, act, adapter, constexprs, num_warps=4, num_stages=3):
 def _compile_specs() -> list:
     """Each LoRA kernel for fp16, bf16 and fp32 activations with float32 adapters (and bf16
     adapters with bf16 activations: the native 16-bit dots), r = 64 (r tile 64), dropout on:
-    the large and the small-M (16 rows) tiles, S and dA with their splits; the dY pass with
+    the large and the small-M (16 rows) tiles, S and dA each split and not; the dY pass with
     every output and with dS only."""
     specs = []
     fp32 = mm._FP32_PRECISION
     for act, adapter in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
         tag = f"{act}_a{adapter}"
         bk = _BLOCK_K if act == adapter != "fp32" else _BLOCK_K_FP32
-        for bm, split in ((32, 1), (16, 4)):
+        # Each row tile with and without a split (split 1 stores S directly), as _split_for may
+        # pick either.
+        for bm, split in ((32, 1), (32, 4), (16, 1), (16, 4)):
             specs.append(_spec(f"lora_s_m{bm}_split{split}_{tag}", _lora_s_kernel, act, adapter,
                                dict(BLOCK_M=bm, BLOCK_R=64, BLOCK_K=bk, SPLIT_K=split,
                                     DROPOUT=True, FP32_PRECISION=fp32)))
@@ -475,7 +477,7 @@ def _compile_specs() -> list:
         specs.append(_spec(f"lora_dy_m32_ds_only_{tag}", _lora_dy_kernel, act, adapter,
                            dict(dy, BLOCK_M=32, NEED_DS=True, NEED_DB=False, NEED_DBIAS=False),
                            num_warps=_DY_WARPS))
-        for bm, split in ((64, 4), (16, 16)):
+        for bm, split in ((64, 1), (64, 4), (16, 1), (16, 16)):
             specs.append(_spec(f"lora_da_m{bm}_split{split}_{tag}", _lora_da_kernel, act, adapter,
                                dict(BLOCK_M=bm, BLOCK_R=64, BLOCK_K=_BLOCK_K, SPLIT_M=split,
                                     DROPOUT=True, FP32_PRECISION=fp32)))
