@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import matmul as mm
-from .matmul import _cast, _dot, _keep_tile, _splitk_reduce_kernel
+from .matmul import _dot, _keep_tile, _splitk_reduce_kernel
 
 __all__ = ["lora_forward", "lora_backward", "keep_mask", "COMPILE_SPECS"]
 
