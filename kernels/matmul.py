@@ -619,6 +619,14 @@ def _candidates(kind: str, M: int, N: int, K: int, dtype: torch.dtype, blocksize
     return [_Launch(cfg, s) for s in _split_sizes(tiles, red, step, device)]
 
 
+@functools.lru_cache(maxsize=4096)
+def _launches(kind: str, bucket: int, N: int, K: int, dtype: torch.dtype, blocksize: int,
+              device: torch.device, dense: bool) -> tuple[_Launch, ...]:
+    """_candidates of a call, cached by M bucket (every M of an _m_bucket has the same ones: the
+    bucket bounds are the table's): off the per-call path."""
+    return tuple(_candidates(kind, bucket, N, K, dtype, blocksize, device, dense))
+
+
 def _tuning_wanted(device: torch.device) -> bool:
     return (device.type == "cuda" and not _interpreting()
             and os.environ.get("NF4KERN_AUTOTUNE", "1") != "0"
@@ -640,7 +648,7 @@ def _timed(run, launch: _Launch) -> float:
         return float("inf")
 
 
-def _choose(key: tuple, candidates: list[_Launch], run, device: torch.device) -> _Launch:
+def _choose(key: tuple, candidates: tuple[_Launch, ...], run, device: torch.device) -> _Launch:
     """The launch for `key`: the cached winner, else the fastest candidate (each timed through
     run(launch), which writes the call's output), else the first."""
     if len(candidates) == 1 or not _tuning_wanted(device):
@@ -901,8 +909,9 @@ def nf4_matmul(x, packed, code, absmax, N, K, blocksize, bias=None, nested=None,
     # _DENSE rounds once only where the result, the bias and the GEMM share x's dtype.
     dense = x.dtype != torch.float32 and out_dtype == x.dtype and not has_lora and \
         (bias is None or bias.dtype == x.dtype)
-    candidates = _candidates("fwd", M, N, K, x.dtype, blocksize, device, dense)
-    key = ("fwd", _m_bucket(M), N, K, blocksize, x.dtype, out_dtype, is_nested, has_bias,
+    bucket = _m_bucket(M)
+    candidates = _launches("fwd", bucket, N, K, x.dtype, blocksize, device, dense)
+    key = ("fwd", bucket, N, K, blocksize, x.dtype, out_dtype, is_nested, has_bias,
            has_lora and (lora["LORA_BLOCK_R"], lora_s.dtype, lora_b.dtype), device)
     run(_choose(key, candidates, run, device))
     return _finish(buf, user_out)
@@ -946,12 +955,11 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
         lora = dict(HAS_LORA=False, DROPOUT=False, LORA_BLOCK_R=16)
         lora_args = (0, 0, 0, 0, 0.0, 1.0)
     row_scale = K % blocksize == 0
+    weight = (pk, code, absmax, qabsmax, nested_absmax, offset, dmap)
 
     def run(launch: _Launch) -> None:
         if launch is _DENSE:
-            w = _dense_weight((pk, code, absmax, qabsmax, nested_absmax, offset, dmap), is_nested, N, K,
-                              blocksize, dy.dtype)
-            torch.mm(dy, w.view(N, K), out=buf)
+            torch.mm(dy, _dense_weight(weight, is_nested, N, K, blocksize, dy.dtype).view(N, K), out=buf)
             return
         cfg = launch.cfg
         block_k = _block_k_for(cfg.block_k, blocksize, K)
@@ -959,7 +967,7 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k)
         ws = torch.empty((split, M, K), dtype=torch.float32, device=device) if split > 1 else buf
         _nf4_gemm_dx_kernel[(tiles, split)](
-            dy, pk, code, absmax, qabsmax, nested_absmax, offset, dmap, buf, ws, lora_ds, lora_a,
+            dy, *weight, buf, ws, lora_ds, lora_a,
             M, N, K, dy.stride(0), buf.stride(0), per_split, *lora_args,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
             SPLIT_K=split, BLOCKSIZE=blocksize, PAIRED=paired,
@@ -972,8 +980,9 @@ def nf4_matmul_dx(dy, packed, code, absmax, N, K, blocksize, nested=None, out_dt
                 SPLIT_K=split, HAS_BIAS=False, BLOCK=_SPLIT_REDUCE_BLOCK, num_warps=4)
 
     dense = dy.dtype != torch.float32 and out_dtype == dy.dtype and not has_lora
-    candidates = _candidates("dx", M, N, K, dy.dtype, blocksize, device, dense)
-    key = ("dx", _m_bucket(M), N, K, blocksize, dy.dtype, out_dtype, is_nested,
+    bucket = _m_bucket(M)
+    candidates = _launches("dx", bucket, N, K, dy.dtype, blocksize, device, dense)
+    key = ("dx", bucket, N, K, blocksize, dy.dtype, out_dtype, is_nested,
            has_lora and (lora["LORA_BLOCK_R"], lora["DROPOUT"], lora_ds.dtype, lora_a.dtype),
            device)
     run(_choose(key, candidates, run, device))

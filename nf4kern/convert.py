@@ -78,6 +78,16 @@ class ConvertError(Exception):
     """An expected failure (bad input, bad option, unwritable output): reported in one line."""
 
 
+class NonFiniteWeight(ConvertError):
+    """A weight to quantize holds NaN or inf: `count` of them, the first at `index` (of the weight
+    as quantized, [out, in] for a Conv1D)."""
+
+    def __init__(self, name: str, count: int, index: tuple[int, ...]):
+        self.count, self.index = count, index
+        super().__init__(f"cannot quantize {name}: {count} NaN/inf value(s), the first at {list(index)}; "
+                         "4-bit blocks cannot hold them")
+
+
 # -- options --------------------------------------------------------------------------------------
 
 
@@ -545,16 +555,6 @@ class ErrorStats:
     hist: tuple | None = None  # (counts, lo, hi) of the error normalised by std
 
 
-def _nonfinite(w: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
-    """(count, index of the first) of the NaN and inf values in w; None when it has none."""
-    bad = ~torch.isfinite(w)
-    count = int(bad.sum())
-    if not count:
-        return None
-    first = int(bad.reshape(-1).nonzero()[0])
-    return count, tuple(int(i) for i in torch.unravel_index(torch.tensor(first), w.shape))
-
-
 def error_stats(w: torch.Tensor, w_hat: torch.Tensor, outlier_std: float | None = 6.0, bins: int = 0) -> ErrorStats:
     """Error of w_hat against w, accumulated in float64 over chunks (memory: a chunk). A second
     pass counts outliers (|w| > outlier_std * std; None: not counted) and histograms the error."""
@@ -773,8 +773,7 @@ def quantize_entries(name: str, w: torch.Tensor, opts: QuantOptions) -> tuple[di
     try:
         packed, state = quantize_4bit(w, opts.blocksize, opts.quant_type, opts.double_quant, STORAGE[opts.quant_storage])
     except NonFiniteError as e:  # the API's hint (allow_nonfinite) means nothing on the command line
-        raise ConvertError(f"cannot quantize {name}: {e.count} NaN/inf value(s), the first at {list(e.index)}; "
-                           "4-bit blocks cannot hold them") from None
+        raise NonFiniteWeight(name, e.count, e.index) from None
     except ValueError as e:
         raise ConvertError(f"cannot quantize {name}: {e}") from None
     entries = {name: packed}
@@ -1028,10 +1027,10 @@ def _inspect_tensor(info: TensorInfo, action: Action, reader: _Reader, opts: Qua
     (quantize refuses it), so that one bad tensor does not hide the others."""
     w = action.weight(reader, info)
     transposed = action is Action.TRANSPOSE
-    bad = _nonfinite(w)
-    if bad is not None:
-        return TensorReport(info.name, tuple(w.shape), info.dtype, None, 0, transposed, nonfinite=bad)
-    _, state, packed = quantize_entries(info.name, w, opts)
+    try:
+        _, state, packed = quantize_entries(info.name, w, opts)
+    except NonFiniteWeight as e:
+        return TensorReport(info.name, tuple(w.shape), info.dtype, None, 0, transposed, nonfinite=(e.count, e.index))
     stats = error_stats(w, dequantize_4bit(packed, state), bins=bins)
     stored = packed.numel() * packed.element_size() + sum(
         t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)
