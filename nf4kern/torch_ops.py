@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,7 @@ def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torc
     lower = codes_between[first]
     upper = codes_between[np.minimum(first + 1, len(codes_between) - 1)]
     threshold = padded[first].astype(np.float32)
-    return (
-        shift,
-        torch.from_numpy(lower.astype(np.uint8)),
-        torch.from_numpy(upper.astype(np.uint8)),
-        torch.from_numpy(threshold).view(torch.int32),
-    )
+    return shift, torch.from_numpy(lower.astype(np.uint8)), torch.from_numpy(upper.astype(np.uint8)), torch.from_numpy(threshold).view(torch.int32)
 
 
 def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -74,16 +70,42 @@ def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
     return bounds, codes
 
 
-def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor, out: torch.Tensor) -> None:
+LOOKUPS = ("gather", "index_select")
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup() -> str:
+    """The faster of two equivalent table lookups on this CPU, timed once on a chunk of codes.
+    Which wins depends on the CPU: gather (int64 index) is ~3x faster than index_select on an
+    AMD EPYC, while index_select (int32 index, no conversion pass) is ~1.4x faster on an Intel
+    Xeon with AVX512 (both measured)."""
+    s = torch.linspace(-1.0, 1.0, _CHUNK)
+    scratch, out = torch.empty_like(s), torch.empty(_CHUNK, dtype=torch.uint8)
+    timings = {}
+    for lookup in LOOKUPS:
+        _codes(s, "nf4", scratch, out, lookup)  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            _codes(s, "nf4", scratch, out, lookup)
+        timings[lookup] = time.perf_counter() - start
+    return min(timings, key=timings.get)
+
+
+def _codes(s: torch.Tensor, quant_type: str, scratch: torch.Tensor, out: torch.Tensor, lookup: str | None = None) -> None:
     """Write the uint8 code of each scaled value into out (s finite, in [-1, 1] up to rounding)."""
     shift, lower, upper, threshold = _cell_tables(quant_type)
-    # int64 cells: torch.gather (int64 index) is several times faster than index_select here.
-    cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift).long()
-    above = s > torch.gather(threshold, 0, cell).view(torch.float32)
-    if quant_type == "nf4":  # adjacent codes: upper == lower + 1
-        torch.add(torch.gather(lower, 0, cell), above, out=out)
+    cell = torch.add(s, 3.0, out=scratch).view(torch.int32).bitwise_right_shift_(shift)
+    if (lookup or _lookup()) == "gather":
+        cell = cell.long()
+        table = functools.partial(torch.gather, dim=0, index=cell)
     else:
-        torch.where(above, torch.gather(upper, 0, cell), torch.gather(lower, 0, cell), out=out)
+        table = functools.partial(torch.index_select, dim=0, index=cell)
+    # The comparison into uint8, not bool: adding a bool to uint8 codes costs a promotion pass.
+    above = torch.gt(s, table(threshold).view(torch.float32), out=torch.empty_like(out))
+    if quant_type == "nf4":  # adjacent codes: upper == lower + 1
+        torch.add(table(lower), above, out=out)
+    else:
+        torch.where(above.bool(), table(upper), table(lower), out=out)
 
 
 def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +114,11 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
     n = flat.numel()
     nblocks = -(-n // blocksize)
     absmax = torch.empty(nblocks, dtype=torch.float32)
-    codes = torch.empty(nblocks * blocksize + 1, dtype=torch.uint8)
+    packed = torch.empty(-(-n // 2), dtype=torch.uint8)
     top = 15 if quant_type == "nf4" else 3
-    scaled = torch.empty(min(_CHUNK, nblocks * blocksize), dtype=torch.float32)
-    scratch = torch.empty_like(scaled)
+    chunk = min(_CHUNK, nblocks * blocksize)
+    scaled, scratch = torch.empty(chunk, dtype=torch.float32), torch.empty(chunk, dtype=torch.float32)
+    codes = torch.empty(chunk, dtype=torch.uint8)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         xf = _padded_float_chunk(flat, start, stop, blocksize).view(-1, blocksize)
@@ -106,14 +129,15 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
         # Into a scratch buffer: xf may be a view of the caller's tensor. No clamp to [-1, 1]:
         # |s| exceeds 1 by at most a rounding, and the cell tables give such s the end codes.
         s = torch.mul(xf, recip[:, None], out=scaled[: xf.numel()].view_as(xf)).view(-1)
-        out = codes[start : start + s.numel()]
+        out = codes[: s.numel()]
         if bool(torch.isfinite(amax).all()):
             _codes(s, quant_type, scratch[: s.numel()], out)
         else:  # only with allow_nonfinite: NaN takes the code of +1, as after a clamp
             nan = s.isnan()
             _codes(s.clamp(-1.0, 1.0).masked_fill_(nan, 1.0), quant_type, scratch[: s.numel()], out)
             out.masked_fill_(nan, top)
-    return _pack(codes[:n], cb.zero_code(quant_type)), absmax
+        _pack(out, stop - start, cb.zero_code(quant_type), packed[start // 2 : -(-stop // 2)])
+    return packed, absmax
 
 
 def _padded_float_chunk(flat: torch.Tensor, start: int, stop: int, blocksize: int) -> torch.Tensor:
@@ -129,11 +153,14 @@ def _padded_float_chunk(flat: torch.Tensor, start: int, stop: int, blocksize: in
     return out
 
 
-def _pack(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_tensor([pad_code])])
-    pairs = codes.view(-1, 2)
-    return pairs[:, 0].bitwise_left_shift(4).bitwise_or_(pairs[:, 1])
+def _pack(codes: torch.Tensor, n: int, pad_code: int, out: torch.Tensor) -> None:
+    """Pack codes[:n] two a byte into out, the first in the high nibble; an odd n is padded
+    with pad_code (codes has room for it: chunks are whole blocks of an even size)."""
+    if n % 2:
+        codes[n] = pad_code
+    pairs = codes[: 2 * out.numel()]
+    # In the chunk, still in cache; uint8 arithmetic, no overflow: 16 * 15 + 15 = 255.
+    torch.add(pairs[1::2], pairs[0::2], alpha=16, out=out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,15 +273,24 @@ def native_bf16_matmul() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if dtype == torch.bfloat16 and native_bf16_matmul() else torch.float32
+# Up to this many activation rows the float32 product is faster than bf16 even where the CPU
+# multiplies bf16 natively: it skips converting each weight chunk to bf16 and oneDNN's setup
+# of a bf16 GEMM, which dominate a GEMV (a 64x4096 chunk at M = 1: 12 us in float32, 112 us in
+# bf16; at M = 64: 142 us against 90 us; measured on an Intel Xeon with AMX).
+_FLOAT32_MAX_M = 16
+
+
+def _compute_dtype(dtype: torch.dtype, M: int) -> torch.dtype:
+    if dtype == torch.bfloat16 and M > _FLOAT32_MAX_M and native_bf16_matmul():
+        return torch.bfloat16
+    return torch.float32
 
 
 def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for 2-D x, dequantizing W a cache-sized row chunk at a time (the
     full dequantized weight never exists). bf16 inputs multiply in bf16 where the CPU has
     native bf16 GEMM, everything else in float32. Returns float32 or bf16."""
-    compute = _compute_dtype(x.dtype)
+    compute = _compute_dtype(x.dtype, x.shape[0])
     xc = x.to(compute)
     y = torch.empty(x.shape[0], N, dtype=compute)
     # A bias in the compute dtype joins the GEMM: addmm adds it to the float32 accumulator, so a
@@ -275,7 +311,7 @@ def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.T
 def matmul_dx(dy, packed, N, K, blocksize, quant_type, scales) -> torch.Tensor:
     """dx = dy @ W, accumulated in float32 over row chunks of W (products in bf16 for bf16 dy
     on CPUs with native bf16 GEMM, else float32)."""
-    compute = _compute_dtype(dy.dtype)
+    compute = _compute_dtype(dy.dtype, dy.shape[0])
     dyc = dy.to(compute)
     dx = torch.zeros(dy.shape[0], K, dtype=torch.float32)
     # Every chunk adds an M x K product into dx: fewer, larger chunks for large M also keep those

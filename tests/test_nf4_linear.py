@@ -124,7 +124,8 @@ def test_torch_backend_both_bf16_choices(M, native_bf16, monkeypatch, rng):
 @pytest.mark.parametrize("M", [1, 40])
 def test_bf16_product_rounds_once_with_a_bias(M, monkeypatch, rng):
     """With native bf16 GEMM, y = x W_hat^T + b is rounded to bf16 once, bias included (bias
-    added after a bf16 GEMM would round twice: ~28% of the outputs then differ by an ulp)."""
+    added after a bf16 GEMM would round twice: ~28% of the outputs then differ by an ulp).
+    Small M multiplies in float32 with the unrounded W_hat, large M in bf16."""
     monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: True)
     N, K = 96, 16  # a short K: the float32 accumulation is exact, so one rounding is all there is
     w = torch.randn(N, K, generator=rng)
@@ -132,17 +133,20 @@ def test_bf16_product_rounds_once_with_a_bias(M, monkeypatch, rng):
     x = torch.randn(M, K, generator=rng).bfloat16()
     bias = torch.randn(N, generator=rng).bfloat16()
     y = nf4kern.nf4_linear(x, packed, bias, state, backend="torch")
-    w_hat = nf4kern.dequantize_4bit(packed, state, dtype=torch.bfloat16).double()
+    product = torch.bfloat16 if M > torch_ops._FLOAT32_MAX_M else torch.float32
+    w_hat = nf4kern.dequantize_4bit(packed, state, dtype=product).double()
     once = (x.double() @ w_hat.T + bias.double()).bfloat16()
     assert (y != once).float().mean().item() < 0.01
 
 
-def test_only_bf16_uses_the_bf16_product(monkeypatch):
+def test_only_bf16_at_large_m_uses_the_bf16_product(monkeypatch):
     monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: True)
-    assert torch_ops._compute_dtype(torch.bfloat16) == torch.bfloat16
-    assert torch_ops._compute_dtype(torch.float16) == torch.float32
+    large, small = torch_ops._FLOAT32_MAX_M + 1, torch_ops._FLOAT32_MAX_M
+    assert torch_ops._compute_dtype(torch.bfloat16, large) == torch.bfloat16
+    assert torch_ops._compute_dtype(torch.bfloat16, small) == torch.float32
+    assert torch_ops._compute_dtype(torch.float16, large) == torch.float32
     monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: False)
-    assert torch_ops._compute_dtype(torch.bfloat16) == torch.float32
+    assert torch_ops._compute_dtype(torch.bfloat16, large) == torch.float32
 
 
 def test_torch_backend_large_k_small_m(rng):

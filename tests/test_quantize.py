@@ -5,7 +5,7 @@ import torch
 
 import nf4kern
 from nf4kern import codebook as cb
-from nf4kern import reference
+from nf4kern import reference, torch_ops
 from tests.conftest import DTYPES
 from tests.helpers import assert_bytes_equal, randn, unpack
 
@@ -43,17 +43,41 @@ def test_every_blocksize_with_partial_blocks(blocksize, rng):
         _check_against_reference(x, blocksize, quant_type, double_quant=True)
 
 
+@pytest.mark.parametrize("lookup", torch_ops.LOOKUPS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_ties_and_edges_follow_the_rule(quant_type):
-    # Values exactly at each decision threshold, one float32 step either side, +-1, signed zeros,
-    # subnormals: the block absmax is 1 so s == x.
+def test_both_table_lookups_give_the_references_bytes(lookup, quant_type, monkeypatch, rng):
+    """The torch path looks its code tables up with gather or index_select, whichever a timing
+    on first use finds faster on the CPU at hand: each must give the reference's bytes, over
+    several chunks, an odd tail and every threshold with its float32 neighbours."""
+    monkeypatch.setattr(torch_ops, "_lookup", lambda: lookup)
+    edges = np.concatenate([_thresholds_and_neighbours(quant_type), [-1.0, 0.0, -0.0]])
+    body = np.zeros(-(-len(edges) // 31) * 31, np.float32)
+    body[: len(edges)] = edges
+    rows = np.concatenate([np.ones((len(body) // 31, 1), np.float32), body.reshape(-1, 31)], axis=1)
+    # every block of 32 (and of 64) holds a 1.0: its absmax is 1, so s == x exactly
+    x = torch.cat([torch.from_numpy(rows.reshape(-1)), randn((300_001,), torch.float32, rng)])
+    _check_against_reference(x, 64, quant_type, double_quant=True)
+    _check_against_reference(x, 32, quant_type, double_quant=False)
+
+
+def test_the_timed_lookup_is_one_of_the_two():
+    assert torch_ops._lookup() in torch_ops.LOOKUPS
+
+
+def _thresholds_and_neighbours(quant_type: str) -> np.ndarray:
     if quant_type == "nf4":
         t = cb.nf4_thresholds()
     else:
         t = np.concatenate([cb.FP4_MAGNITUDE_THRESHOLDS, -cb.FP4_MAGNITUDE_THRESHOLDS])
-    up, down = np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2))
+    return np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2))]).astype(np.float32)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_ties_and_edges_follow_the_rule(quant_type):
+    # Values exactly at each decision threshold, one float32 step either side, +-1, signed zeros,
+    # subnormals: the block absmax is 1 so s == x.
     extra = np.array([1.0, -1.0, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40], dtype=np.float32)
-    x = torch.from_numpy(np.concatenate([t, up, down, extra]).astype(np.float32))
+    x = torch.from_numpy(np.concatenate([_thresholds_and_neighbours(quant_type), extra]))
     _check_against_reference(x, 32, quant_type, double_quant=False)
     _check_against_reference(x, 32, quant_type, double_quant=False, backend="reference")
 
