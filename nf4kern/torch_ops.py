@@ -76,9 +76,9 @@ LOOKUPS = ("gather", "index_select")
 @functools.lru_cache(maxsize=None)
 def _lookup() -> str:
     """The faster of two equivalent table lookups on this CPU, timed once on a chunk of codes.
-    Which wins depends on the CPU: gather (int64 index) is ~3x faster than index_select on an
-    AMD EPYC, while index_select (int32 index, no conversion pass) is ~1.4x faster on an Intel
-    Xeon with AVX512 (both measured)."""
+    Which wins depends on the CPU: gather (int64 index) was several times faster than
+    index_select on an AMD EPYC, while index_select (int32 index, no conversion pass) is ~1.4x
+    faster on an Intel Xeon with AMX (each measured in a session on that machine)."""
     s = torch.linspace(-1.0, 1.0, _CHUNK)
     scratch, out = torch.empty_like(s), torch.empty(_CHUNK, dtype=torch.uint8)
     timings = {}
