@@ -24,6 +24,7 @@ from . import codebook as cb
 
 _CHUNK = 1 << 18  # elements per chunk; a multiple of every blocksize
 _GEMM_CHUNK_MAX = 1 << 22
+_BF16_GEMM_CHUNK_MIN = 1 << 21
 _TINY_ABSMAX = 1e-38
 _ROUNDING_MARGIN = 2.0**-21
 
@@ -244,12 +245,16 @@ def dequantize_range(packed, scales, start, stop, blocksize, quant_type, buffer)
     return v[: stop - start]
 
 
-def _gemm_chunk(M: int, K: int) -> int:
+def _gemm_chunk(M: int, K: int, compute: torch.dtype) -> int:
     """Weights per row chunk of a matmul with M activation rows. Each chunk is one GEMM with an
     M x rows (forward) or M x K (dx) output: for large M larger chunks, up to 4M weights (still a
     fraction of a large weight), keep those GEMMs wide; a 4096x14336 forward at M = 256 takes
-    2/3 of the time it takes with 256K-weight chunks."""
-    return min(max(_CHUNK, M * K), _GEMM_CHUNK_MAX)
+    2/3 of the time it takes with 256K-weight chunks. A bf16 GEMM (oneDNN, native bf16) costs
+    more per call, so it takes at least 2M weights: forward + backward at M = 32 / 64 went from
+    39 / 44 to 29 / 32 ms on 4096x4096 and from 149 / 126 to 98 / 111 ms on 4096x14336 (Intel
+    Xeon with AMX; 1M and 4M were slower)."""
+    floor = _BF16_GEMM_CHUNK_MIN if compute == torch.bfloat16 else _CHUNK
+    return min(max(floor, M * K), _GEMM_CHUNK_MAX)
 
 
 def _row_chunks(N: int, K: int, blocksize: int, target: int = _CHUNK) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -296,7 +301,7 @@ def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.T
     # A bias in the compute dtype joins the GEMM: addmm adds it to the float32 accumulator, so a
     # bf16 result is rounded once (adding it afterwards would round twice).
     fused_bias = bias is not None and bias.dtype == compute
-    chunks, buffer = _row_chunks(N, K, blocksize, _gemm_chunk(x.shape[0], K))
+    chunks, buffer = _row_chunks(N, K, blocksize, _gemm_chunk(x.shape[0], K, compute))
     for r0, r1 in chunks:
         w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
         if fused_bias:
@@ -316,7 +321,7 @@ def matmul_dx(dy, packed, N, K, blocksize, quant_type, scales) -> torch.Tensor:
     dx = torch.zeros(dy.shape[0], K, dtype=torch.float32)
     # Every chunk adds an M x K product into dx: fewer, larger chunks for large M also keep those
     # additions small next to the GEMMs.
-    chunks, buffer = _row_chunks(N, K, blocksize, _gemm_chunk(dy.shape[0], K))
+    chunks, buffer = _row_chunks(N, K, blocksize, _gemm_chunk(dy.shape[0], K, compute))
     for r0, r1 in chunks:
         w = dequantize_range(packed, scales, r0 * K, r1 * K, blocksize, quant_type, buffer).view(r1 - r0, K)
         if compute == torch.float32:

@@ -164,9 +164,21 @@ def test_torch_backend_many_row_chunks(M, K, blocksize, monkeypatch, rng):
     monkeypatch.setattr(torch_ops, "_CHUNK", 256)
     monkeypatch.setattr(torch_ops, "_GEMM_CHUNK_MAX", 2048)
     N = 37
-    chunks, _ = torch_ops._row_chunks(N, K, blocksize, torch_ops._gemm_chunk(M, K))
+    chunks, _ = torch_ops._row_chunks(N, K, blocksize, torch_ops._gemm_chunk(M, K, torch.float32))
     assert len(chunks) > 1 and all((r0 * K) % blocksize == 0 for r0, _ in chunks)
     _check_linear((M,), N, K, blocksize, "nf4", True, torch.float32, True, "torch", rng)
+
+
+@pytest.mark.parametrize("K,blocksize", [(70, 64), (130, 32)])
+def test_torch_backend_many_row_chunks_bf16_product(K, blocksize, monkeypatch, rng):
+    """The bf16 product (native bf16 GEMM, M > 16) takes larger chunks: shrunk, so that it also
+    splits W into many."""
+    monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: True)
+    monkeypatch.setattr(torch_ops, "_GEMM_CHUNK_MAX", 1024)
+    M, N = torch_ops._FLOAT32_MAX_M + 7, 37
+    chunks, _ = torch_ops._row_chunks(N, K, blocksize, torch_ops._gemm_chunk(M, K, torch.bfloat16))
+    assert len(chunks) > 1 and all((r0 * K) % blocksize == 0 for r0, _ in chunks)
+    _check_linear((M,), N, K, blocksize, "nf4", True, torch.bfloat16, True, "torch", rng)
 
 
 def test_zero_weight_blocks_and_zero_input(rng):
