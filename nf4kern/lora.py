@@ -45,8 +45,10 @@ def lora_forward(x2, packed, state: QuantState, bias, A, B, scale: float, p: flo
         return y.to(x2.dtype), S.float()
     xd = x2.float() if keep is None else x2.float() * keep
     S = xd @ A.float().t()
-    # The base product in x's dtype: bf16 multiplies in bf16 on CPUs with native bf16 GEMM.
-    y = matmul.nf4_matmul(x2, packed, state, bias, backend=choice).float()
+    # The base product comes back in float32, so that y is rounded to x's dtype once, adapter
+    # included (bf16 at M > 16 on CPUs with native bf16 GEMM multiplies in bf16, whose GEMM
+    # rounds its product before the adapter is added).
+    y = matmul.nf4_matmul(x2, packed, state, bias, backend=choice, out_dtype=torch.float32)
     y.addmm_(S, B.float().t(), alpha=scale)
     return y.to(x2.dtype), S
 
@@ -74,7 +76,7 @@ def lora_backward(dy2, x2, S, packed, state: QuantState, A, B, scale: float, p: 
         lora_dx = dS @ A.float()
         if keep is not None:
             lora_dx.mul_(keep)
-        dx = matmul.nf4_matmul_dx(dy2, packed, state, backend=choice).float().add_(lora_dx)
+        dx = matmul.nf4_matmul_dx(dy2, packed, state, backend=choice, out_dtype=torch.float32).add_(lora_dx)
     if need_dA:
         xd = x2.float() if keep is None else x2.float() * keep
         dA = dS.t() @ xd

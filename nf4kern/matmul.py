@@ -52,42 +52,44 @@ def _weight_args(packed: torch.Tensor, state: QuantState) -> dict:
     )
 
 
-def nf4_matmul(x, packed, state, bias=None, backend=None) -> torch.Tensor:
-    """x [..., K] -> [..., N] in x.dtype (float32 accumulation)."""
+def nf4_matmul(x, packed, state, bias=None, backend=None, out_dtype=None) -> torch.Tensor:
+    """x [..., K] -> [..., N] in out_dtype (default x.dtype), float32 accumulation."""
     N, K = state.shape if state.shape is not None and len(state.shape) == 2 else (None, None)
     _check(x, packed, state, "x", K)
     _check_bias(bias, x, N)
     x2 = x.reshape(-1, K)
+    out_dtype = out_dtype or x.dtype
     choice = dispatch.select(x.device, backend)
     if choice == "triton":
         from .kernels import matmul as kernel
 
-        y = kernel.nf4_matmul(x2.contiguous(), bias=bias, out_dtype=x.dtype, **_weight_args(packed, state))
+        y = kernel.nf4_matmul(x2.contiguous(), bias=bias, out_dtype=out_dtype, **_weight_args(packed, state))
     elif choice == "torch":
-        y = torch_ops.matmul(x2, _flat(packed), N, K, state.blocksize, state.quant_type, _scales(state), bias).to(x.dtype)
+        y = torch_ops.matmul(x2, _flat(packed), N, K, state.blocksize, state.quant_type, _scales(state), bias).to(out_dtype)
     else:
         from . import reference
 
-        y = reference.matmul(x2, packed, state, bias).to(x.dtype)
+        y = reference.matmul(x2, packed, state, bias).to(out_dtype)
     return y.reshape(*x.shape[:-1], N)
 
 
-def nf4_matmul_dx(dy, packed, state, backend=None) -> torch.Tensor:
-    """dy [..., N] -> dx [..., K] = dy W_hat, in dy.dtype."""
+def nf4_matmul_dx(dy, packed, state, backend=None, out_dtype=None) -> torch.Tensor:
+    """dy [..., N] -> dx [..., K] = dy W_hat, in out_dtype (default dy.dtype)."""
     N, K = state.shape if state.shape is not None and len(state.shape) == 2 else (None, None)
     _check(dy, packed, state, "dy", N)
     dy2 = dy.reshape(-1, N)
+    out_dtype = out_dtype or dy.dtype
     choice = dispatch.select(dy.device, backend)
     if choice == "triton":
         from .kernels import matmul as kernel
 
-        dx = kernel.nf4_matmul_dx(dy2.contiguous(), out_dtype=dy.dtype, **_weight_args(packed, state))
+        dx = kernel.nf4_matmul_dx(dy2.contiguous(), out_dtype=out_dtype, **_weight_args(packed, state))
     elif choice == "torch":
-        dx = torch_ops.matmul_dx(dy2, _flat(packed), N, K, state.blocksize, state.quant_type, _scales(state)).to(dy.dtype)
+        dx = torch_ops.matmul_dx(dy2, _flat(packed), N, K, state.blocksize, state.quant_type, _scales(state)).to(out_dtype)
     else:
         from . import reference
 
-        dx = reference.matmul_dx(dy2, packed, state).to(dy.dtype)
+        dx = reference.matmul_dx(dy2, packed, state).to(out_dtype)
     return dx.reshape(*dy.shape[:-1], K)
 
 
