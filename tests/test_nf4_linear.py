@@ -181,6 +181,36 @@ def test_torch_backend_many_row_chunks_bf16_product(K, blocksize, monkeypatch, r
     _check_linear((M,), N, K, blocksize, "nf4", True, torch.bfloat16, True, "torch", rng)
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("K,blocksize,blocks_a_chunk", [(128, 64, 1), (96, 32, 2), (192, 64, 2)])
+def test_torch_backend_dx_by_column_chunks(K, blocksize, blocks_a_chunk, quant_type, native_bf16, monkeypatch, rng):
+    """A large M x K takes dx a column chunk of W at a time (no accumulation into dx): lowered
+    thresholds make these small shapes take it, a block column or two a chunk (the last one
+    partial where two do not divide K)."""
+    monkeypatch.setattr(torch_ops, "native_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr(torch_ops, "_DX_COLUMNS_MIN", 0)
+    monkeypatch.setattr(torch_ops, "_DX_COLUMN_CHUNK", 37 * blocksize * blocks_a_chunk)
+    chunks = []
+    dequantize_columns = torch_ops.dequantize_columns
+    monkeypatch.setattr(torch_ops, "dequantize_columns", lambda *a: chunks.append(a[4:6]) or dequantize_columns(*a))
+    M = torch_ops._FLOAT32_MAX_M + 23
+    _check_linear((M,), 37, K, blocksize, quant_type, True, torch.bfloat16, True, "torch", rng)
+    assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == K
+
+
+def test_torch_backend_dx_columns_need_whole_blocks_per_row(monkeypatch):
+    """K not a multiple of the blocksize (blocks straddle rows): dx stays on row chunks."""
+    monkeypatch.setattr(torch_ops, "_DX_COLUMNS_MIN", 0)
+    monkeypatch.setattr(torch_ops, "dequantize_columns", lambda *a: pytest.fail("column chunks for K % blocksize != 0"))
+    w = torch.randn(9, 70)
+    packed, state = nf4kern.quantize_4bit(w, 64, "nf4", True)
+    dy = torch.randn(3, 9)
+    dx = nf4kern.matmul.nf4_matmul_dx(dy, packed, state, backend="torch")
+    ref = reference.matmul_dx(dy, packed, state)
+    assert ((dx.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
 def test_zero_weight_blocks_and_zero_input(rng):
     """All-zero weight rows (absmax 0, and with double quant nested codes of the offset) and
     an all-zero x row give the reference's result."""
