@@ -25,8 +25,8 @@ def keep_multiplier(seed: int, shape: tuple[int, int], p: float, device) -> torc
     if p == 0.0:
         return None
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.rand(shape, generator=generator) >= p
-    return (keep.float() / (1.0 - p)).to(device)
+    # In place: (u >= p) as 1.0 / 0.0, then / (1 - p); no bool tensor and no conversion pass.
+    return torch.rand(shape, generator=generator).ge_(p).div_(1.0 - p).to(device)
 
 
 def lora_forward(x2, packed, state: QuantState, bias, A, B, scale: float, p: float, seed: int, backend=None):
