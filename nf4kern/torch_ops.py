@@ -59,7 +59,12 @@ def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torc
     lower = codes_between[first]
     upper = codes_between[np.minimum(first + 1, len(codes_between) - 1)]
     threshold = padded[first].astype(np.float32)
-    return shift, torch.from_numpy(lower.astype(np.uint8)), torch.from_numpy(upper.astype(np.uint8)), torch.from_numpy(threshold).view(torch.int32)
+    return (
+        shift,
+        torch.from_numpy(lower.astype(np.uint8)),
+        torch.from_numpy(upper.astype(np.uint8)),
+        torch.from_numpy(threshold).view(torch.int32),
+    )
 
 
 def _decision_rule(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -299,8 +304,8 @@ def _compute_dtype(dtype: torch.dtype, M: int) -> torch.dtype:
 
 def matmul(x, packed, N, K, blocksize, quant_type, scales, bias=None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for 2-D x, dequantizing W a cache-sized row chunk at a time (the
-    full dequantized weight never exists). bf16 inputs multiply in bf16 where the CPU has
-    native bf16 GEMM, everything else in float32. Returns float32 or bf16."""
+    full dequantized weight never exists). bf16 inputs at M > 16 multiply in bf16 where the CPU
+    has native bf16 GEMM, everything else in float32. Returns float32 or bf16."""
     compute = _compute_dtype(x.dtype, x.shape[0])
     xc = x.to(compute)
     y = torch.empty(x.shape[0], N, dtype=compute)
@@ -359,6 +364,6 @@ def dequantize_columns(packed, scales, N, K, k0, k1, blocksize, quant_type, buff
     v = buffer[: N * cols]
     index = packed[: N * K // 2].view(N, K // 2)[:, k0 // 2 : k1 // 2].int()
     torch.index_select(_pair_table(quant_type), 0, index.view(-1), out=v.view(torch.int64))
-    per_row = scales.view(N, K // blocksize)[:, k0 // blocksize : k1 // blocksize]
+    per_row = scales.reshape(N, K // blocksize)[:, k0 // blocksize : k1 // blocksize]
     v.view(N, cols // blocksize, blocksize).mul_(per_row[:, :, None])
     return v.view(N, cols)
