@@ -127,7 +127,7 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
     nblocks = -(-n // blocksize)
     absmax = torch.empty(nblocks, dtype=torch.float32)
     packed = torch.empty(-(-n // 2), dtype=torch.uint8)
-    top = 15 if quant_type == "nf4" else 3
+    top, pad = (15 if quant_type == "nf4" else 3), cb.zero_code(quant_type)
     chunk = min(_CHUNK, nblocks * blocksize)
     scaled, scratch = torch.empty(chunk, dtype=torch.float32), torch.empty(chunk, dtype=torch.float32)
     codes = torch.empty(chunk, dtype=torch.uint8)
@@ -148,7 +148,7 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[t
             nan = s.isnan()
             _codes(s.clamp(-1.0, 1.0).masked_fill_(nan, 1.0), quant_type, scratch[: s.numel()], out)
             out.masked_fill_(nan, top)
-        _pack(out, stop - start, cb.zero_code(quant_type), packed[start // 2 : -(-stop // 2)])
+        _pack(out, stop - start, pad, packed[start // 2 : -(-stop // 2)])
     return packed, absmax
 
 
@@ -249,11 +249,16 @@ def dequantize_range(packed, scales, start, stop, blocksize, quant_type, buffer)
     length = -(-(stop - start) // blocksize) * blocksize  # whole blocks; the tail is padding
     nbytes = -(-(stop - start) // 2)
     v = buffer[:length]
-    index = packed[start // 2 : start // 2 + nbytes].int()
-    torch.index_select(_pair_table(quant_type), 0, index, out=v[: 2 * nbytes].view(torch.int64))
-    blocks = v.view(-1, blocksize)
-    blocks.mul_(scales[start // blocksize : start // blocksize + blocks.shape[0], None])
+    index = packed[start // 2 : start // 2 + nbytes]
+    _decode(index, scales[start // blocksize : (start + length) // blocksize], blocksize, quant_type, v)
     return v[: stop - start]
+
+
+def _decode(index: torch.Tensor, scales: torch.Tensor, blocksize: int, quant_type: str, v: torch.Tensor) -> None:
+    """Write into v (whole blocks) the float32 values of the packed bytes `index`, in order, each
+    block times its entry of `scales` (one per block of v; bytes past `index` leave padding)."""
+    torch.index_select(_pair_table(quant_type), 0, index.reshape(-1).int(), out=v[: 2 * index.numel()].view(torch.int64))
+    v.view(-1, blocksize).mul_(scales.reshape(-1, 1))
 
 
 def _gemm_chunk(M: int, K: int, compute: torch.dtype) -> int:
@@ -362,8 +367,6 @@ def dequantize_columns(packed, scales, N, K, k0, k1, blocksize, quant_type, buff
     blocksize, so that each row's slice is whole blocks."""
     cols = k1 - k0
     v = buffer[: N * cols]
-    index = packed[: N * K // 2].view(N, K // 2)[:, k0 // 2 : k1 // 2].int()
-    torch.index_select(_pair_table(quant_type), 0, index.view(-1), out=v.view(torch.int64))
-    per_row = scales.reshape(N, K // blocksize)[:, k0 // blocksize : k1 // blocksize]
-    v.view(N, cols // blocksize, blocksize).mul_(per_row[:, :, None])
+    index = packed[: N * K // 2].view(N, K // 2)[:, k0 // 2 : k1 // 2]
+    _decode(index, scales.reshape(N, K // blocksize)[:, k0 // blocksize : k1 // blocksize], blocksize, quant_type, v)
     return v.view(N, cols)
